@@ -1,0 +1,256 @@
+"""Typed configuration: one frozen dataclass per params.yaml section.
+
+The library receives these objects, never the raw YAML. ``Params.from_dict`` rejects unknown keys
+with the closest valid key (``unknown key 'train.common.epoch' in params.yaml; did you mean
+'epochs'?``) so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args, get_origin
+
+from r2gen.errors import ConfigError
+
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "fp8")
+DATASETS: tuple[str, ...] = ("iu_xray", "mimic_cxr")
+BACKENDS: tuple[str, ...] = ("auto", "native", "te", "emulated")
+FP8_RECIPES: tuple[str, ...] = ("delayed", "current")
+VISUAL_EXTRACTORS: tuple[str, ...] = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+# Views per study in each dataset layout (R2Gen: IU X-Ray stacks frontal + lateral, MIMIC uses one).
+VIEWS: dict[str, int] = {"iu_xray": 2, "mimic_cxr": 1}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "iu_xray"  # layout of data root: iu_xray (2 views/study) | mimic_cxr (1 view)
+    root: str = "data/iu_xray_sample"  # folder holding annotation.json and images/
+    image_size: int = 224  # model input side in px (R2Gen: 224)
+    train_crop: bool = True  # R2Gen: train images resized to 256/224*size then randomly cropped
+    hflip: bool = False  # R2Gen flips train images, swapping anatomical left/right but not the words
+
+    def __post_init__(self) -> None:
+        _choice("data.dataset", self.dataset, DATASETS)
+        _positive("data.image_size", self.image_size)
+
+    @property
+    def views(self) -> int:
+        return VIEWS[self.dataset]
+
+    @property
+    def stored_size(self) -> int:
+        """Side of the cached training images (before the random crop)."""
+        return round(self.image_size * 256 / 224) if self.train_crop else self.image_size
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    threshold: int = 3  # min count of a token in the train split (R2Gen: 3 IU X-Ray, 10 MIMIC-CXR)
+    max_seq_length: int = 60  # BOS + tokens + EOS, truncated (R2Gen: 60 IU, 100 MIMIC)
+    fixes: tuple[str, ...] = ()  # opt-in fixes of the public cleaning quirks; see r2gen.tokenizer.FIXES
+
+    def __post_init__(self) -> None:
+        _positive("tokenizer.threshold", self.threshold)
+        if self.max_seq_length < 3:
+            raise ConfigError(f"tokenizer.max_seq_length must be at least 3, got {self.max_seq_length}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    visual_extractor: str = "resnet101"  # torchvision ResNet without its last two children
+    visual_width: int = 64  # ResNet base width; 64 is torchvision's (needed for ImageNet weights)
+    pretrained: str | None = None  # null: random init; "imagenet": torch hub cache only; or a path
+    d_model: int = 512
+    d_ff: int = 512
+    num_heads: int = 8
+    num_layers: int = 3
+    dropout: float = 0.1
+    drop_prob_lm: float = 0.5  # dropout after the visual projection (att_embed)
+    rm_num_slots: int = 3
+    rm_num_heads: int = 8
+    rm_d_model: int = 512
+
+    def __post_init__(self) -> None:
+        _choice("model.visual_extractor", self.visual_extractor, VISUAL_EXTRACTORS)
+        for name in ("visual_width", "d_model", "d_ff", "num_heads", "num_layers", "rm_num_slots",
+                     "rm_num_heads", "rm_d_model"):
+            _positive(f"model.{name}", getattr(self, name))
+        if self.d_model % self.num_heads:
+            raise ConfigError(f"model.d_model ({self.d_model}) must be divisible by model.num_heads ({self.num_heads})")
+        if self.rm_d_model % self.rm_num_heads:
+            raise ConfigError(
+                f"model.rm_d_model ({self.rm_d_model}) must be divisible by model.rm_num_heads ({self.rm_num_heads})"
+            )
+        if self.rm_d_model != self.d_model:
+            # R2Gen feeds the embedded tokens (d_model) straight into the memory update.
+            raise ConfigError(f"model.rm_d_model ({self.rm_d_model}) must equal model.d_model ({self.d_model})")
+
+
+@dataclass(frozen=True)
+class TrainCommon:
+    epochs: int = 100
+    lr_ve: float = 5e-5  # visual extractor learning rate
+    lr_ed: float = 1e-4  # encoder-decoder learning rate
+    weight_decay: float = 5e-5
+    amsgrad: bool = True
+    lr_step_size: int = 50  # StepLR, stepped once per epoch
+    lr_gamma: float = 0.1
+    grad_clip_value: float = 0.1  # clip_grad_value_ as in the public code (after unscale_ under AMP)
+    validate: str = "last"  # last | every_epoch: val loss after every epoch or only at the end
+    log_every: int = 10  # steps between log lines
+    warmup_steps: int = 3  # steps excluded from samples/s
+    max_nonfinite_steps: int = 20  # consecutive non-finite losses before the run stops
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda
+
+    def __post_init__(self) -> None:
+        _choice("train.common.validate", self.validate, ("last", "every_epoch"))
+        _choice("train.common.device", self.device, ("auto", "cpu", "cuda"))
+        _positive("train.common.epochs", self.epochs)
+        _positive("train.common.lr_step_size", self.lr_step_size)
+
+
+@dataclass(frozen=True)
+class TrainPrecision:
+    batch_size: int = 16
+    backend: str = "auto"  # auto | native | te | emulated (see r2gen.precision)
+    fp8_recipe: str = "delayed"  # fp8 only: delayed (DelayedScaling, HYBRID) | current
+
+    def __post_init__(self) -> None:
+        _positive("batch_size", self.batch_size)
+        _choice("backend", self.backend, BACKENDS)
+        _choice("fp8_recipe", self.fp8_recipe, FP8_RECIPES)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    common: TrainCommon = field(default_factory=TrainCommon)
+    fp32: TrainPrecision = field(default_factory=TrainPrecision)
+    fp16: TrainPrecision = field(default_factory=TrainPrecision)
+    bf16: TrainPrecision = field(default_factory=TrainPrecision)
+    fp8: TrainPrecision = field(default_factory=TrainPrecision)
+
+    def for_precision(self, precision: str) -> TrainPrecision:
+        _choice("precision", precision, PRECISIONS)
+        return getattr(self, precision)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    precision: str = "fp32"  # generation precision, the same for every trained model
+    num_beams: int = 3
+    max_new_tokens: int = 60
+    batch_size: int = 16
+    meteor: bool = True  # needs Java; without it METEOR is recorded as null with the reason
+
+    def __post_init__(self) -> None:
+        _choice("evaluate.precision", self.precision, PRECISIONS)
+        _positive("evaluate.num_beams", self.num_beams)
+        _positive("evaluate.max_new_tokens", self.max_new_tokens)
+        _positive("evaluate.batch_size", self.batch_size)
+
+
+@dataclass(frozen=True)
+class Params:
+    precision: str = "fp32"  # the model the report headlines and `r2gen generate` ships
+    seed: int = 9223  # R2Gen's run_iu_xray.sh seed
+    threads: int = 2  # torch CPU threads, pinned: results differ between thread counts
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    def __post_init__(self) -> None:
+        _choice("precision", self.precision, PRECISIONS)
+        _positive("threads", self.threads)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None, source: str = "params.yaml") -> "Params":
+        """Build from a parsed params.yaml; unknown keys and wrong types raise ConfigError."""
+        return from_dict(cls, raw or {}, source=source)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+def from_dict(cls: type, raw: Any, source: str = "params.yaml", prefix: str = "") -> Any:
+    """Recursively build the frozen dataclass ``cls`` from a mapping, rejecting unknown keys."""
+    where = prefix.rstrip(".") or "top level"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: '{where}' must be a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
+            raise ConfigError(f"unknown key '{prefix}{key}' in {source}{hint}")
+        kwargs[key] = _coerce(hints[key], value, source, f"{prefix}{key}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value if value is not None else {}, source, f"{key}.")
+    origin = get_origin(hint)
+    args = get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, source, key)
+    if origin is tuple:
+        if value is None:
+            return ()
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}")
+        return tuple(_coerce(args[0], v, source, key) for v in value)
+    if origin is Literal:
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: '{key}' must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: '{key}' must be a string, got {value!r}")
+        return value
+    return value
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain-Python (JSON/YAML-safe) form of a config dataclass."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def _choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        close = difflib.get_close_matches(str(value), valid, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"unsupported {key} '{value}', must be one of: {', '.join(valid)}{hint}")
+
+
+def _positive(key: str, value: int) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key} must be positive, got {value}")
