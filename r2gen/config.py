@@ -33,9 +33,11 @@ class DataConfig:
     image_size: int = 224  # model input side in px (R2Gen: 224)
     train_crop: bool = True  # R2Gen: train images resized to 256/224*size then randomly cropped
     hflip: bool = False  # R2Gen flips train images, swapping anatomical left/right but not the words
+    on_invalid: str = "error"  # a bad study (missing image, empty report, ...): error | drop (logged)
 
     def __post_init__(self) -> None:
         _choice("data.dataset", self.dataset, DATASETS)
+        _choice("data.on_invalid", self.on_invalid, ("error", "drop"))
         _positive("data.image_size", self.image_size)
 
     @property
