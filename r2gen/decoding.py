@@ -1,0 +1,115 @@
+"""Batched beam search with R2Gen's exact semantics, over an incremental or a full-recompute stepper.
+
+R2Gen's search (ruotianluo's ``beam_search`` with group_size 1, R2GEN_NOTES.md §7):
+- step 0 feeds BOS (id 0) for each study; every step adds the new log-probabilities to the running
+  sums, sorts the flattened beam x vocabulary candidates (``torch.sort``, descending) and keeps the top
+  ``num_beams``;
+- a beam whose new token is EOS (id 0), or any beam at the last step, is copied to the study's
+  finished list with its running sum as score, and its running sum is lowered by 1000 (it stays in
+  the beam and keeps being extended);
+- the result is the finished beam with the highest score (no length penalty); on ties the earliest
+  finished wins (Python's stable sort in the original).
+
+Early exit (ours): log-probabilities are <= 0 and IEEE addition is monotonic, so no extension of a
+beam can score above its running sum. Once a study's best finished score is >= every running sum
+of its beams, no later finished beam can replace it, so the study is done and its rows are dropped.
+This cannot change the result; the full-recompute reference runs every step without it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from r2gen.model.r2gen import R2Gen
+
+EOS = 0
+FINISHED_PENALTY = 1000.0
+
+
+class IncrementalStepper:
+    """Carries the relational memory, MCLN conditioning and self-attention K/V between steps."""
+
+    def __init__(self, model: R2Gen, src: torch.Tensor, max_len: int):
+        self.model, self.device = model, src.device
+        self.cache = model.init_cache(src, max_len)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.decode_step(tokens, self.cache)
+
+    def select(self, index: torch.Tensor) -> None:
+        self.cache.select(index)
+
+
+class FullRecomputeStepper:
+    """The public code's way: re-run memory and decoder over the whole prefix at every step."""
+
+    def __init__(self, model: R2Gen, src: torch.Tensor):
+        self.model, self.src, self.device = model, src, src.device
+        self.prefix = src.new_zeros((src.shape[0], 0), dtype=torch.long)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.prefix = torch.cat([self.prefix, tokens.unsqueeze(1)], dim=1)
+        return self.model.decode_full(self.src, self.prefix, pad_mask=False)[:, -1]
+
+    def select(self, index: torch.Tensor) -> None:
+        self.src, self.prefix = self.src[index], self.prefix[index]
+
+
+@torch.no_grad()
+def beam_search(stepper, batch_size: int, num_beams: int, max_len: int, early_exit: bool = True) -> torch.Tensor:
+    """Best sequence per study (B, L) including its EOS, 0-padded. ``num_beams=1`` is greedy.
+
+    ``stepper.step(tokens (N,)) -> logprobs (N, V)`` advances every row by one token;
+    ``stepper.select(index)`` keeps/reorders/duplicates rows.
+    """
+    k, device = num_beams, stepper.device
+    active = torch.arange(batch_size)  # studies still searching, in row-block order
+    best_score = [float("-inf")] * batch_size
+    best_seq: list[torch.Tensor | None] = [None] * batch_size
+
+    logprobs = stepper.step(torch.zeros(batch_size, dtype=torch.long, device=device))
+    sums = torch.zeros(batch_size, 1, device=device)  # (A, beams so far)
+    seqs = torch.zeros(batch_size, 1, 0, dtype=torch.long, device=device)
+    for t in range(max_len):
+        A, V = len(active), logprobs.shape[-1]
+        lp = logprobs.float().view(A, -1, V)  # (A, kk, V); kk = 1 at t = 0
+        kk = lp.shape[1]
+        candidates = sums[:, :kk].unsqueeze(-1) + lp
+        scores, ix = torch.sort(candidates.reshape(A, -1), -1, True)
+        scores, ix = scores[:, :k], ix[:, :k]  # (A, k)
+        beam_ix, words = ix // V, ix % V
+        seqs = torch.cat([seqs.gather(1, beam_ix.unsqueeze(-1).expand(-1, -1, seqs.shape[2])),
+                          words.unsqueeze(-1)], dim=-1)  # (A, k, t+1)
+        sums = scores.clone()
+        rows = (beam_ix + torch.arange(A, device=device).unsqueeze(1) * kk).reshape(-1)
+
+        ended = words == EOS
+        if t == max_len - 1:
+            ended[:] = True
+        for a, b in enumerate(active.tolist()):
+            for j in torch.nonzero(ended[a]).flatten().tolist():
+                if sums[a, j].item() > best_score[b]:  # strict: the earliest of equal scores wins
+                    best_score[b], best_seq[b] = sums[a, j].item(), seqs[a, j].clone()
+        sums[ended] -= FINISHED_PENALTY
+        if t == max_len - 1:
+            break
+
+        keep = torch.ones(A, dtype=torch.bool)
+        if early_exit:
+            best = torch.tensor([best_score[b] for b in active.tolist()], device=device)
+            keep = (sums.max(dim=1).values > best).cpu()
+            if not keep.any():
+                break
+        if not keep.all():
+            kept = torch.nonzero(keep).flatten()
+            active, sums, seqs, words = active[kept], sums[kept], seqs[kept], words[kept]
+            rows = rows.view(A, k)[kept.to(device)].reshape(-1)
+        stepper.select(rows)
+        logprobs = stepper.step(words.reshape(-1))
+
+    length = max(len(s) for s in best_seq)
+    out = torch.zeros(batch_size, length, dtype=torch.long, device=device)
+    for b, s in enumerate(best_seq):
+        out[b, : len(s)] = s
+    return out
+

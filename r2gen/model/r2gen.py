@@ -1,0 +1,229 @@
+"""R2Gen: visual extractor + memory-driven Transformer (Chen et al., EMNLP 2020).
+
+``model(images, labels)`` returns the teacher-forced log-probabilities and R2Gen's loss;
+``model.generate(images, num_beams=3, max_new_tokens=60)`` runs R2Gen's beam search with
+incremental decoding (see r2gen.decoding).
+
+Token ids: 0 is BOS, EOS and PAD at once (as in the public code); ``labels`` are
+``[0, w1..wn, 0, 0...]`` padded with 0, and the loss covers w1..wn and the EOS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from r2gen.config import ModelConfig
+from r2gen.model.memory import ConditionalLayerNorm, RelationalMemory
+from r2gen.model.transformer import Encoder, FeedForward, LayerNorm, MultiHeadAttention, TokenEmbedding
+from r2gen.model.visual import VisualExtractor, load_pretrained
+
+
+@dataclass
+class R2GenOutput:
+    logprobs: torch.Tensor  # (B, T-1, V) log-probabilities of the next token, fp32
+    loss: torch.Tensor | None  # masked token-mean NLL (R2Gen's LanguageModelCriterion)
+
+
+class DecoderLayer(nn.Module):
+    """Self-attention, source attention and feed-forward, each behind an MCLN."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.self_attn = MultiHeadAttention(cfg.num_heads, d, cfg.dropout)
+        self.src_attn = MultiHeadAttention(cfg.num_heads, d, cfg.dropout)
+        self.feed_forward = FeedForward(d, cfg.d_ff, cfg.dropout)
+        self.norms = nn.ModuleList(
+            [ConditionalLayerNorm(d, cfg.rm_num_slots, cfg.rm_d_model) for _ in range(3)]
+        )
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, src_kv, tgt_mask, memory):
+        """x (B, T, d), src_kv projected source keys/values, tgt_mask (B, 1, T, T), memory (B, T, slots*d)."""
+        h = self.norms[0](x, memory)
+        x = x + self.dropout(self.self_attn(h, h, h, tgt_mask))
+        h = self.norms[1](x, memory)
+        x = x + self.dropout(self.src_attn.attend(h, *src_kv))
+        return x + self.dropout(self.feed_forward(self.norms[2](x, memory)))
+
+    def step(self, x, memory, cache: "LayerCache", t: int):
+        """One new position: x (N, 1, d), memory (N, 1, slots*d); appends this position's keys/values."""
+        h = self.norms[0](x, memory)
+        k, v = self.self_attn.project_kv(h, h)  # (N, h, 1, d_k)
+        cache.append(k, v, t)
+        x = x + self.self_attn.attend(h, cache.k[:, :, : t + 1], cache.v[:, :, : t + 1])
+        h = self.norms[1](x, memory)
+        x = x + self.src_attn.attend(h, cache.src_k, cache.src_v)
+        return x + self.feed_forward(self.norms[2](x, memory))
+
+
+@dataclass
+class LayerCache:
+    """Keys/values of one decoder layer: its own past positions and the (fixed) visual tokens."""
+
+    src_k: torch.Tensor  # (N, h, S, d_k)
+    src_v: torch.Tensor
+    k: torch.Tensor | None = None  # (N, h, max_len, d_k), filled up to the current step
+    v: torch.Tensor | None = None
+    max_len: int = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, t: int) -> None:
+        if self.k is None:
+            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
+        self.k[:, :, t : t + 1] = k
+        self.v[:, :, t : t + 1] = v
+
+    def select(self, index: torch.Tensor) -> None:
+        self.src_k, self.src_v = self.src_k[index], self.src_v[index]
+        if self.k is not None:
+            self.k, self.v = self.k[index], self.v[index]
+
+
+@dataclass
+class DecodeCache:
+    """Everything carried from one generation step to the next (per beam row)."""
+
+    memory: torch.Tensor  # relational memory (N, slots, d)
+    layers: list[LayerCache]
+    t: int = 0  # position of the next input token
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep/reorder/duplicate rows: row i of the new cache is row index[i] of the old one."""
+        self.memory = self.memory[index]
+        for layer in self.layers:
+            layer.select(index)
+
+
+class R2Gen(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        """``vocab_size``: number of output classes, id 0 (BOS/EOS/PAD) included."""
+        super().__init__()
+        self.cfg, self.vocab_size = cfg, vocab_size
+        self.visual = VisualExtractor(cfg.visual_extractor, cfg.visual_width)
+        self.att_embed = nn.Sequential(
+            nn.Linear(self.visual.out_channels, cfg.d_model), nn.ReLU(), nn.Dropout(cfg.drop_prob_lm)
+        )
+        self.encoder = Encoder(cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.d_ff, cfg.dropout)
+        self.embed = TokenEmbedding(vocab_size, cfg.d_model)
+        self.embed_dropout = nn.Dropout(cfg.dropout)
+        self.rm = RelationalMemory(cfg.rm_num_slots, cfg.rm_d_model, cfg.rm_num_heads, cfg.dropout)
+        self.decoder_layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.num_layers)])
+        self.decoder_norm = LayerNorm(cfg.d_model)
+        self.logit = nn.Linear(cfg.d_model, vocab_size)
+        # R2Gen's make_model: xavier on every matrix of the Transformer (encoder, decoder, embedding,
+        # memory); att_embed and the vocabulary head keep PyTorch's default init; MCLN biases stay 0.1.
+        for part in (self.encoder, self.embed, self.rm, self.decoder_layers, self.decoder_norm):
+            for p in part.parameters():
+                if p.dim() > 1:
+                    nn.init.xavier_uniform_(p)
+        if cfg.pretrained:
+            load_pretrained(self.visual.trunk, cfg.visual_extractor, cfg.visual_width, cfg.pretrained)
+
+    # ------------------------------------------------------------------ encoding
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 views (B, V, H, W) -> encoder states over the visual tokens (B, V*h*w, d)."""
+        patches, _ = self.visual(images)
+        return self.encoder(self.att_embed(patches))
+
+    # ------------------------------------------------------------------ teacher forcing
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> R2GenOutput:
+        """images uint8 (B, V, H, W); labels (B, T) token ids starting with BOS=0, padded with 0."""
+        src = self.encode(images)
+        logprobs = self.decode_full(src, labels[:, :-1], pad_mask=True)
+        return R2GenOutput(logprobs, self.loss(logprobs, labels))
+
+    def decode_full(self, src: torch.Tensor, seq: torch.Tensor, pad_mask: bool) -> torch.Tensor:
+        """Decode a whole prefix at once: seq (B, T) -> next-token log-probabilities (B, T, V).
+
+        ``pad_mask`` hides padding keys as in training (R2Gen's ``seq_mask``); R2Gen's sampling path
+        uses the causal mask only.
+        """
+        B, T = seq.shape
+        e = self.embed(seq)
+        # R2Gen embeds the target twice (memory and decoder), with independent dropout masks.
+        memory = self.rm(self.embed_dropout(e), self.rm.init_memory(B, seq.device))  # (B, T, slots*d)
+        x = self.embed_dropout(e)
+        mask = torch.ones(T, T, dtype=torch.bool, device=seq.device).tril()  # (T, T) causal
+        if pad_mask:
+            keys = seq > 0
+            keys[:, 0] = True  # BOS is id 0 too but is always attended
+            mask = mask & keys[:, None, None, :]  # (B, 1, T, T)
+        for layer in self.decoder_layers:
+            x = layer(x, layer.src_attn.project_kv(src, src), mask, memory)
+        return self.head(x)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(self.logit(self.decoder_norm(x)).float(), dim=-1)
+
+    @staticmethod
+    def target_mask(labels: torch.Tensor) -> torch.Tensor:
+        """(B, T-1) float mask of the real targets of labels[:, 1:]: the words (ids > 0) and one EOS.
+
+        R2Gen's dataset builds this mask from the report length; a truncated report has no EOS.
+        """
+        target = labels[:, 1:]
+        lengths = ((target > 0).sum(1) + 1).clamp(max=target.shape[1])
+        positions = torch.arange(target.shape[1], device=labels.device)
+        return (positions[None, :] < lengths[:, None]).float()
+
+    @classmethod
+    def loss(cls, logprobs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """R2Gen's LanguageModelCriterion: NLL of labels[:, 1:] summed over real targets / their count."""
+        mask = cls.target_mask(labels)
+        nll = -logprobs.gather(2, labels[:, 1:].unsqueeze(2)).squeeze(2)
+        return (nll * mask).sum() / mask.sum()
+
+    # ------------------------------------------------------------------ incremental decoding
+    def init_cache(self, src: torch.Tensor, max_len: int) -> DecodeCache:
+        layers = [LayerCache(*layer.src_attn.project_kv(src, src), max_len=max_len) for layer in self.decoder_layers]
+        return DecodeCache(memory=self.rm.init_memory(src.shape[0], src.device), layers=layers)
+
+    def decode_step(self, tokens: torch.Tensor, cache: DecodeCache) -> torch.Tensor:
+        """Feed one token per row at position ``cache.t``: tokens (N,) -> log-probabilities (N, V)."""
+        e = self.embed(tokens.unsqueeze(1), start=cache.t)  # (N, 1, d)
+        cache.memory = self.rm.step(e[:, 0], cache.memory)
+        memory = cache.memory.flatten(1).unsqueeze(1)  # (N, 1, slots*d)
+        x = e
+        for layer, layer_cache in zip(self.decoder_layers, cache.layers):
+            x = layer.step(x, memory, layer_cache, cache.t)
+        cache.t += 1
+        return self.head(x)[:, 0]
+
+    @torch.no_grad()
+    def generate(self, images: torch.Tensor, num_beams: int = 3, max_new_tokens: int = 60) -> torch.Tensor:
+        """Reports for a batch of studies: uint8 (B, V, H, W) -> token ids (B, L), 0-padded, EOS kept.
+
+        ``num_beams=1`` is greedy decoding. R2Gen's semantics: no length penalty, finished beams
+        kept with a -1000 penalty on their running score, best by summed log-probability.
+        """
+        from r2gen.decoding import IncrementalStepper, beam_search
+
+        was_training = self.training
+        self.eval()
+        try:
+            stepper = IncrementalStepper(self, self.encode(images), max_new_tokens)
+            return beam_search(stepper, images.shape[0], num_beams, max_new_tokens)
+        finally:
+            self.train(was_training)
+
+    # ------------------------------------------------------------------ precision policy hooks
+    def fp8_candidates(self) -> list[tuple[str, nn.Linear]]:
+        """Linears of the encoder/decoder attention and feed-forward blocks (FP8-eligible by role).
+
+        The relational memory, the MCLN MLPs, the visual projection and the vocabulary head are
+        deliberately absent: they stay in bf16 under fp8 (DESIGN.md §4).
+        """
+        out = []
+        for prefix, layers in (("encoder.layers", self.encoder.layers), ("decoder_layers", self.decoder_layers)):
+            for i, layer in enumerate(layers):
+                for name, module in layer.named_modules():
+                    if isinstance(module, nn.Linear) and (
+                        name.startswith(("self_attn.", "src_attn.", "feed_forward."))
+                    ):
+                        out.append((f"{prefix}.{i}.{name}", module))
+        return out

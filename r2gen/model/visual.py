@@ -1,0 +1,158 @@
+"""Visual extractor: a torchvision ResNet without its last two children (avgpool, fc).
+
+R2Gen runs the same ResNet on each view in its own forward call (so BatchNorm statistics are per
+view in training), turns the last feature map into patch tokens ``(B, h*w, C)`` and average-pools it
+into one vector per view. For IU X-Ray the two views' patch tokens are concatenated: at 224 px that
+is ``(B, 2*49, 2048)`` with ResNet101.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torchvision
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from r2gen.errors import CheckpointError
+
+# name -> (block, blocks per stage); resnet10 is the same family with one block per stage.
+_RESNETS: dict[str, tuple[type[nn.Module], list[int]]] = {
+    "resnet10": (BasicBlock, [1, 1, 1, 1]),
+    "resnet18": (BasicBlock, [2, 2, 2, 2]),
+    "resnet34": (BasicBlock, [3, 4, 6, 3]),
+    "resnet50": (Bottleneck, [3, 4, 6, 3]),
+    "resnet101": (Bottleneck, [3, 4, 23, 3]),
+    "resnet152": (Bottleneck, [3, 8, 36, 3]),
+}
+_IMAGENET_WEIGHTS = {  # torchvision's IMAGENET1K_V1 files, the weights R2Gen's `pretrained=True` loads
+    "resnet18": torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
+    "resnet34": torchvision.models.ResNet34_Weights.IMAGENET1K_V1,
+    "resnet50": torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
+    "resnet101": torchvision.models.ResNet101_Weights.IMAGENET1K_V1,
+    "resnet152": torchvision.models.ResNet152_Weights.IMAGENET1K_V1,
+}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def build_resnet_trunk(name: str, width: int = 64) -> nn.Sequential:
+    """The ResNet ``name`` with base width ``width`` (64 = torchvision's), minus avgpool and fc.
+
+    Module names match torchvision's (``0`` = conv1 ... ``7`` = layer4 inside the Sequential), so an
+    ImageNet state dict of the full ResNet loads after dropping its ``fc.`` keys.
+    """
+    block, layers = _RESNETS[name]
+    stem = [
+        nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+    ]
+    stages, inplanes = [], width
+    for i, n in enumerate(layers):
+        planes, stride = width * 2**i, 1 if i == 0 else 2
+        downsample = None
+        if stride != 1 or inplanes != planes * block.expansion:
+            downsample = nn.Sequential(
+                nn.Conv2d(inplanes, planes * block.expansion, kernel_size=1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes * block.expansion),
+            )
+        blocks = [block(inplanes, planes, stride, downsample)]
+        inplanes = planes * block.expansion
+        blocks += [block(inplanes, planes) for _ in range(1, n)]
+        stages.append(nn.Sequential(*blocks))
+    trunk = nn.Sequential(*stem, *stages)
+    # torchvision's ResNet initialisation (kaiming for convs, BN weight 1 / bias 0)
+    for m in trunk.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    trunk.out_channels = inplanes  # d_vf: 512 for resnet10/18/34 at width 64, 2048 for resnet50+
+    return trunk
+
+
+def feature_size(name: str, width: int = 64) -> int:
+    block, _ = _RESNETS[name]
+    return width * 8 * block.expansion
+
+
+def imagenet_weights_path(name: str) -> Path:
+    """Where torch's hub cache keeps the ImageNet weights of ``name`` (nothing is downloaded)."""
+    url = _IMAGENET_WEIGHTS[name].url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
+def load_pretrained(trunk: nn.Sequential, name: str, width: int, pretrained: str) -> str:
+    """Load ImageNet weights into ``trunk``; returns the file used.
+
+    ``pretrained`` is ``"imagenet"`` (torch hub cache only) or a path to a torchvision ResNet
+    state dict. A missing file is an error that says where to put it; nothing is downloaded.
+    """
+    if name not in _IMAGENET_WEIGHTS or width != 64:
+        raise CheckpointError(
+            f"model.pretrained is set but {name} with visual_width {width} has no ImageNet weights; "
+            "use a torchvision ResNet (resnet18..152) with visual_width 64, or set model.pretrained: null"
+        )
+    path = imagenet_weights_path(name) if pretrained == "imagenet" else Path(pretrained)
+    if not path.is_file():
+        url = _IMAGENET_WEIGHTS[name].url
+        raise CheckpointError(
+            f"ImageNet weights not found: {path}; download {url} on a machine with internet and "
+            f"put it there (or point model.pretrained at the file), or set model.pretrained: null"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling/IO failure is a bad file for the user
+        raise CheckpointError(f"cannot read ImageNet weights {path}: {exc.__class__.__name__}; re-download the file") from None
+    # torchvision names (conv1, bn1, layer1..4) -> positions in our Sequential
+    rename = {"conv1": "0", "bn1": "1", "layer1": "4", "layer2": "5", "layer3": "6", "layer4": "7"}
+    mapped = {}
+    for key, value in state.items():
+        head, _, rest = key.partition(".")
+        if head == "fc":
+            continue
+        if head not in rename:
+            raise CheckpointError(f"{path} is not a torchvision {name} state dict (unexpected key '{key}')")
+        mapped[f"{rename[head]}.{rest}"] = value
+    missing, unexpected = trunk.load_state_dict(mapped, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} does not match {name}: {len(missing)} missing and {len(unexpected)} unexpected keys; "
+            "check model.visual_extractor"
+        )
+    return str(path)
+
+
+class VisualExtractor(nn.Module):
+    """uint8 grayscale views ``(B, V, H, W)`` -> patch tokens ``(B, V*h*w, C)`` and pooled ``(B, V*C)``."""
+
+    def __init__(self, name: str, width: int = 64):
+        super().__init__()
+        self.trunk = build_resnet_trunk(name, width)
+        self.out_channels = self.trunk.out_channels
+        # Grayscale is replicated to RGB and ImageNet-normalised, as torchvision's transforms do in R2Gen.
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def _normalize(self, views: torch.Tensor) -> torch.Tensor:
+        x = views.unsqueeze(1).float().div_(255.0)  # (N, 1, H, W)
+        return (x - self.mean) / self.std  # (N, 3, H, W)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, V = images.shape[:2]
+        if self.training:
+            # One call per view as in R2Gen, so BatchNorm batch statistics are per view.
+            maps = [self.trunk(self._normalize(images[:, v])) for v in range(V)]
+            fmap = torch.stack(maps, dim=1).flatten(0, 1)  # (B*V, C, h, w)
+        else:
+            fmap = self.trunk(self._normalize(images.flatten(0, 1)))  # (B*V, C, h, w)
+        C = fmap.shape[1]
+        pooled = fmap.mean(dim=(2, 3)).reshape(B, V * C)  # (B, V*C)
+        patches = fmap.flatten(2).transpose(1, 2)  # (B*V, h*w, C)
+        patches = patches.reshape(B, V * patches.shape[1], C)  # views concatenated along tokens
+        return patches, pooled
