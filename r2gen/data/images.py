@@ -1,0 +1,210 @@
+"""The prepared image cache: every image decoded and resized once, stored as uint8 arrays per split.
+
+``prepare_dataset`` writes ``<out_dir>/``:
+
+- ``<split>.npy``: uint8 ``(N, V, S, S)`` grayscale, V views per study. Train images keep R2Gen's
+  scale and aspect ratio: short side to ``cfg.stored_size`` (R2Gen: ``Resize(256)``), then the
+  central ``S x S`` square, from which training takes its random ``cfg.image_size`` crop. Val/test
+  images are squashed to ``cfg.image_size`` square like R2Gen's ``Resize((224, 224))``. With
+  ``train_crop: false`` train images are squashed too. PIL bilinear resizing of the 'L' image;
+  for grayscale X-rays that equals R2Gen's resize of the RGB copy, channel by channel.
+- ``<split>.jsonl``: one ``{"id", "report", "image_path"}`` line per row, the report as written in
+  annotation.json (the tokenizer cleans it).
+- ``summary.json``: counts, dropped studies with the reason, sizes, bytes, seconds.
+
+Arrays are streamed into ``np.lib.format.open_memmap`` files (MIMIC-CXR at 256 px is ~25 GB), and the
+folder appears only when complete (``r2gen.io.atomic_dir``).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from r2gen.config import DataConfig
+from r2gen.data.datasets import IMAGES, SPLITS, Study, read_annotation, validate_dataset
+from r2gen.errors import DataError
+from r2gen.io import atomic_dir, write_json
+
+SUMMARY = "summary.json"
+_COPY_ROWS = 256  # rows moved at a time when dropped studies are squeezed out of an array
+_RERUN = "run `dvc repro prepare`"
+
+
+def prepare_dataset(cfg: DataConfig, out_dir: str | os.PathLike, fixes: tuple[str, ...] = ()) -> dict:
+    """Validate ``cfg.root`` and write the prepared cache to ``out_dir``, replacing it atomically.
+
+    Every image is decoded once: validation hands each decoded image to the resizer. Rows are
+    first written at the study's position in annotation.json; if studies were dropped, the good
+    rows are then copied into a compact array.
+
+    Returns:
+        The summary written to ``summary.json``.
+
+    Raises:
+        DataError: as :func:`r2gen.data.datasets.validate_dataset`; ``out_dir`` is then untouched.
+    """
+    start = time.perf_counter()
+    annotation = read_annotation(cfg.root, cfg.dataset)  # raises before any output for file-level problems
+    sizes = {split: cfg.stored_size if split == "train" else cfg.image_size for split in SPLITS}
+    crop = {split: split == "train" and cfg.train_crop for split in SPLITS}
+    with atomic_dir(out_dir) as tmp:
+        full = {
+            split: _allocate(tmp / f"{split}.npy", (len(annotation[split]), cfg.views, sizes[split], sizes[split]))
+            for split in SPLITS
+        }  # (N entries, V, S, S) each
+
+        def store(study: Study, view: int, image: Image.Image) -> None:
+            full[study.split][study.index, view] = resize(image, sizes[study.split], crop[study.split])
+
+        result = validate_dataset(cfg, fixes, on_image=store)
+
+        for split in SPLITS:
+            _compact(tmp / f"{split}.npy", full.pop(split), [study.index for study in result.studies[split]])
+            with open(tmp / f"{split}.jsonl", "w", encoding="utf-8") as fh:
+                for study in result.studies[split]:
+                    paths = [p.relative_to(Path(cfg.root) / IMAGES).as_posix() for p in study.image_paths]
+                    fh.write(json.dumps({"id": study.id, "report": study.report, "image_path": paths}) + "\n")
+
+        summary = {
+            "dataset": cfg.dataset,
+            "root": str(cfg.root),
+            "views": cfg.views,
+            "image_size": cfg.image_size,
+            "sizes": sizes,
+            "train_resize": (
+                f"short side to {sizes['train']}, central {sizes['train']}x{sizes['train']} square"
+                if cfg.train_crop else f"squashed to {sizes['train']}x{sizes['train']}"
+            ),
+            "eval_resize": f"squashed to {cfg.image_size}x{cfg.image_size}",
+            "fixes": list(fixes),
+            "counts": result.counts,
+            "dropped": [{"split": split, "id": sid, "reason": reason} for split, sid, reason in result.dropped],
+            "bytes": sum((tmp / f"{split}.npy").stat().st_size for split in SPLITS),
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+        # Last, so that a folder with summary.json is a complete one.
+        write_json(tmp / SUMMARY, summary)
+    return summary
+
+
+def resize(image: Image.Image, size: int, crop: bool) -> np.ndarray:
+    """A (size, size) uint8 grayscale array: squashed, or short side to ``size`` and centre-cropped."""
+    gray = image.convert("L")
+    if crop:
+        width, height = gray.size
+        # torchvision's Resize(int) rule: the long side is truncated, not rounded.
+        if width <= height:
+            new = (size, int(size * height / width))
+        else:
+            new = (int(size * width / height), size)
+        gray = gray.resize(new, Image.Resampling.BILINEAR)
+        # torchvision's CenterCrop offsets (round half to even), so the square is the one R2Gen's
+        # RandomCrop would be centred on.
+        left, top = int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))
+        gray = gray.crop((left, top, left + size, top + size))
+    else:
+        gray = gray.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(gray)  # (size, size)
+
+
+def _allocate(path: Path, shape: tuple[int, ...]) -> np.memmap:
+    """A new uint8 .npy memmap of ``shape`` whose disk space is reserved now.
+
+    Writing through a memmap onto a full disk kills the process with SIGBUS; reserving the space
+    up front turns that into an error before any work is done.
+    """
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    size = path.stat().st_size
+    try:
+        with open(path, "r+b") as fh:
+            os.posix_fallocate(fh.fileno(), 0, size)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise DataError(
+                f"not enough disk space for {path.name} ({size / 2**30:.1f} GiB) in {path.parent.parent}; "
+                "free some space or prepare elsewhere"
+            ) from None
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # file systems without fallocate
+            raise
+    return array
+
+
+def _compact(path: Path, full: np.memmap, rows: list[int]) -> None:
+    """Flush ``full``; if some rows were dropped, rewrite ``path`` with only ``rows``, in order."""
+    full.flush()
+    if len(rows) == len(full):
+        del full
+        return
+    squeezed = path.with_name(f"{path.stem}.compact.npy")
+    out = np.lib.format.open_memmap(squeezed, mode="w+", dtype=np.uint8, shape=(len(rows), *full.shape[1:]))
+    for start in range(0, len(rows), _COPY_ROWS):
+        out[start : start + _COPY_ROWS] = full[rows[start : start + _COPY_ROWS]]
+    out.flush()
+    del out, full
+    os.replace(squeezed, path)
+
+
+@dataclass
+class PreparedSplit:
+    """One split of the prepared cache; ``images`` is a read-only memmap (N, V, S, S) uint8."""
+
+    ids: list[str]
+    reports: list[str]
+    images: np.ndarray
+
+
+def load_prepared(prepared_dir: str | os.PathLike, split: str) -> PreparedSplit:
+    """Open ``split`` of a cache written by :func:`prepare_dataset`, checking that it is complete.
+
+    Raises:
+        DataError: the folder, ``summary.json`` or a split file is missing, unreadable, or the
+            array shape disagrees with the summary and the jsonl rows.
+    """
+    root = Path(prepared_dir)
+    if split not in SPLITS:
+        raise DataError(f"unknown split '{split}', must be one of: {', '.join(SPLITS)}")
+    summary_path = root / SUMMARY
+    if not summary_path.is_file():
+        what = "not found" if not root.exists() else f"incomplete ({SUMMARY} is missing)"
+        raise DataError(f"prepared data {root} is {what}; {_RERUN}")
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        expected = (summary["counts"][split], summary["views"], summary["sizes"][split], summary["sizes"][split])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise DataError(f"{summary_path} is corrupt ({exc!r}); {_RERUN}") from None
+
+    npy = root / f"{split}.npy"
+    try:
+        images = np.load(npy, mmap_mode="r")
+    except FileNotFoundError:
+        raise DataError(f"prepared data {root} is incomplete: {npy} is missing; {_RERUN}") from None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{npy} is corrupt ({exc}); {_RERUN}") from None
+    if images.dtype != np.uint8 or images.shape != expected:
+        raise DataError(
+            f"{npy} holds {images.dtype} {images.shape}, {SUMMARY} says uint8 {expected}; {_RERUN}"
+        )
+
+    jsonl = root / f"{split}.jsonl"
+    ids, reports = [], []
+    try:
+        with open(jsonl, encoding="utf-8") as fh:
+            for line in fh:
+                row = json.loads(line)
+                ids.append(row["id"])
+                reports.append(row["report"])
+    except FileNotFoundError:
+        raise DataError(f"prepared data {root} is incomplete: {jsonl} is missing; {_RERUN}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise DataError(f"{jsonl} is corrupt ({exc!r}); {_RERUN}") from None
+    if len(ids) != len(images):
+        raise DataError(f"{jsonl} has {len(ids)} rows but {npy} has {len(images)}; {_RERUN}")
+    return PreparedSplit(ids, reports, images)
