@@ -192,20 +192,49 @@ class Tokenizer:
             raise ValueError(f"token id {i} is out of range for a vocabulary of size {self.vocab_size}")
         return self.tokens[i - 1]
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the vocabulary and the settings that produced it as JSON, atomically."""
-        write_json(
-            path,
-            {
-                "format": FORMAT,
-                "version": FORMAT_VERSION,
-                "dataset": self.dataset,
-                "threshold": self.threshold,
-                "max_seq_length": self.max_seq_length,
-                "fixes": list(self.fixes),
-                "tokens": list(self.tokens),
-            },
+    def to_dict(self) -> dict[str, Any]:
+        """The vocabulary and the settings that produced it, JSON-safe (also stored in checkpoints)."""
+        return {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "dataset": self.dataset,
+            "threshold": self.threshold,
+            "max_seq_length": self.max_seq_length,
+            "fixes": list(self.fixes),
+            "tokens": list(self.tokens),
+        }
+
+    @classmethod
+    def load_dict(cls, raw: Any, source: str, fix: str = "re-create it with `dvc repro`") -> "Tokenizer":
+        """Rebuild from :meth:`to_dict` output read from ``source``; invalid content raises R2GenError."""
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            raise R2GenError(f"{source} does not hold an r2gen tokenizer; {fix}")
+        if raw.get("version") != FORMAT_VERSION:
+            raise R2GenError(
+                f"the tokenizer in {source} has version {raw.get('version')!r}, this code reads version "
+                f"{FORMAT_VERSION}; {fix}"
+            )
+        tokens = raw.get("tokens")
+        fixes = raw.get("fixes")
+        valid = (
+            isinstance(tokens, list)
+            and all(isinstance(t, str) and t for t in tokens)
+            and tokens == sorted(set(tokens))
+            and UNK in tokens
+            and raw.get("dataset") in DATASETS
+            and all(isinstance(raw.get(k), int) and raw[k] > 0 for k in ("threshold", "max_seq_length"))
+            and isinstance(fixes, list)
         )
+        if not valid:
+            raise R2GenError(f"the tokenizer in {source} is corrupt (missing or invalid fields); {fix}")
+        try:
+            return cls(tuple(tokens), raw["dataset"], raw["threshold"], raw["max_seq_length"], tuple(fixes))
+        except ConfigError as exc:
+            raise R2GenError(f"the tokenizer in {source} is incompatible: {exc}; {fix}") from None
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write :meth:`to_dict` as JSON, atomically."""
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
@@ -220,30 +249,7 @@ class Tokenizer:
             raise R2GenError(f"tokenizer file {path} is corrupt ({exc}); {rebuild}") from None
         except OSError as exc:
             raise R2GenError(f"cannot read tokenizer file {path}: {exc.strerror}; check its permissions") from None
-        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-            raise R2GenError(f"{path} is not an r2gen tokenizer file; {rebuild}")
-        if raw.get("version") != FORMAT_VERSION:
-            raise R2GenError(
-                f"tokenizer file {path} has version {raw.get('version')!r}, this code reads version "
-                f"{FORMAT_VERSION}; {rebuild}"
-            )
-        tokens = raw.get("tokens")
-        fixes = raw.get("fixes")
-        valid = (
-            isinstance(tokens, list)
-            and all(isinstance(t, str) and t for t in tokens)
-            and tokens == sorted(set(tokens))
-            and UNK in tokens
-            and raw.get("dataset") in DATASETS
-            and all(isinstance(raw.get(k), int) and raw[k] > 0 for k in ("threshold", "max_seq_length"))
-            and isinstance(fixes, list)
-        )
-        if not valid:
-            raise R2GenError(f"tokenizer file {path} is corrupt (missing or invalid fields); {rebuild}")
-        try:
-            return cls(tuple(tokens), raw["dataset"], raw["threshold"], raw["max_seq_length"], tuple(fixes))
-        except ConfigError as exc:
-            raise R2GenError(f"tokenizer file {path} is incompatible: {exc}; {rebuild}") from None
+        return cls.load_dict(raw, source=str(path), fix=rebuild)
 
 
 def _as_list(ids: Any) -> list:

@@ -152,7 +152,7 @@ def test_save_load_round_trip(tmp_path):
         (None, "not found"),
         (b"{not json", "corrupt"),
         (b"\xff\xfe\x00", "corrupt"),
-        (b'{"format": "something-else"}', "not an r2gen tokenizer"),
+        (b'{"format": "something-else"}', "does not hold an r2gen tokenizer"),
         (b'{"format": "r2gen-tokenizer", "version": 99}', "version 99"),
         (b'{"format": "r2gen-tokenizer", "version": 1, "tokens": ["b", "a"]}', "corrupt"),
     ],
@@ -217,3 +217,11 @@ def test_batch_decode_accepts_numpy_rows():
     tok = Tokenizer.build(IU_REPORTS, "iu_xray", threshold=2, max_seq_length=60)
     rows = [np.array([14, 9, 0]), np.array([0, 10, 3, 0])]
     assert tok.batch_decode(rows) == ["the lungs", "no acute"]
+
+
+def test_dict_round_trip_for_checkpoints():
+    tok = Tokenizer.build(IU_REPORTS, "iu_xray", 2, 60, fixes=("numbering",))
+    raw = json.loads(json.dumps(tok.to_dict()))  # survives JSON (and torch.save) unchanged
+    assert Tokenizer.load_dict(raw, source="models/fp32/model.pt") == tok
+    with pytest.raises(R2GenError, match="the tokenizer in models/fp32/model.pt is corrupt"):
+        Tokenizer.load_dict({**raw, "tokens": ["a"]}, source="models/fp32/model.pt")
