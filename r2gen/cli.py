@@ -1,0 +1,147 @@
+"""The `r2gen` command: generate, info, check-data, sample-data.
+
+User mistakes print one line (``error: ...``) and exit with status 2; ``--verbose`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import r2gen
+from r2gen.errors import R2GenError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="r2gen", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"r2gen-precision {r2gen.__version__}")
+    parser.add_argument("--verbose", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="write reports for new images with a trained model file")
+    g.add_argument("--checkpoint", required=True, type=Path, help="model file, e.g. models/release/model.pt")
+    g.add_argument("images", nargs="*", type=Path, help="the views of ONE study (IU X-Ray: frontal lateral)")
+    g.add_argument("--study", action="append", type=Path, default=[],
+                   help="a folder holding one study's views (0.png, 1.png, ...); repeatable")
+    g.add_argument("--num-beams", type=int, default=3)
+    g.add_argument("--max-new-tokens", type=int, default=60)
+    g.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    g.add_argument("--format", choices=["text", "jsonl"], default="text")
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("info", help="what a model file holds: config, precision, backend, metrics, versions")
+    i.add_argument("checkpoint", type=Path)
+    i.set_defaults(func=cmd_info)
+
+    c = sub.add_parser("check-data", help="validate a dataset folder like `prepare` does, print per-split counts")
+    c.add_argument("root", type=Path)
+    c.add_argument("--dataset", choices=["iu_xray", "mimic_cxr"], default="iu_xray")
+    c.add_argument("--on-invalid", choices=["error", "drop"], default="error")
+    c.set_defaults(func=cmd_check_data)
+
+    s = sub.add_parser("sample-data", help="write a synthetic chest X-ray dataset in R2Gen's layout")
+    s.add_argument("out", type=Path)
+    s.add_argument("--studies", type=int, default=300)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--layout", choices=["iu_xray", "mimic_cxr"], default="iu_xray")
+    s.add_argument("--image-size", type=int, default=128)
+    s.set_defaults(func=cmd_sample_data)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except R2GenError as exc:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from r2gen import precision as prec
+    from r2gen.checkpoint import build_model, load_model_file
+    from r2gen.data.images import load_view
+    from r2gen.tokenizer import Tokenizer
+
+    studies = [("images", list(args.images))] if args.images else []
+    for folder in args.study:
+        if not folder.is_dir():
+            raise R2GenError(f"study folder not found: {folder}; pass a folder holding the study's images")
+        views = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        studies.append((folder.name, views))
+    if not studies:
+        raise R2GenError("no images given; pass the views of a study (IMAGE [IMAGE]) or --study DIR")
+
+    ckpt = load_model_file(args.checkpoint)
+    tokenizer = Tokenizer.load_dict(ckpt["tokenizer"], source=str(args.checkpoint))
+    views, size = ckpt["data"]["views"], ckpt["data"]["image_size"]
+    batch = []
+    for name, paths in studies:
+        if len(paths) != views:
+            raise R2GenError(
+                f"study {name}: {len(paths)} image(s) given but this model ({ckpt['data']['dataset']}) reads "
+                f"{views} view(s) per study{' (frontal, then lateral)' if views == 2 else ''}"
+            )
+        batch.append(torch.stack([torch.from_numpy(load_view(p, size)) for p in paths]))
+    device = prec.select_device(args.device)
+    model = build_model(ckpt, args.checkpoint).to(device)
+    ids = model.generate(torch.stack(batch).to(device), num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
+    for (name, paths), report in zip(studies, tokenizer.batch_decode(ids.cpu())):
+        if args.format == "jsonl":
+            print(json.dumps({"study": name, "images": [str(p) for p in paths], "report": report}))
+        else:
+            print(f"{name}: {report}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from r2gen.checkpoint import load_model_file
+
+    ckpt = load_model_file(args.checkpoint)
+    train = ckpt["info"].get("train", {})
+    out = {
+        "file": str(args.checkpoint),
+        "format": ckpt["format"],
+        "written_by": ckpt["version"],
+        "precision": train.get("precision"),
+        "backend": train.get("backend"),
+        "data": ckpt["data"],
+        "vocab_size": ckpt["vocab_size"],
+        "model_config": ckpt["model_config"],
+        "parameters": sum(v.numel() for v in ckpt["state_dict"].values() if v.is_floating_point()),
+        "training": train,
+    }
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def cmd_check_data(args: argparse.Namespace) -> int:
+    from r2gen.config import DataConfig
+    from r2gen.data.datasets import validate_dataset
+
+    result = validate_dataset(DataConfig(dataset=args.dataset, root=str(args.root), on_invalid=args.on_invalid))
+    for split, n in result.counts.items():
+        print(f"{split}: {n} studies")
+    for split, sid, reason in result.dropped:
+        print(f"dropped {split}/{sid}: {reason}")
+    print(f"ok: {args.root} is a valid {args.dataset} dataset ({sum(result.counts.values())} studies)")
+    return 0
+
+
+def cmd_sample_data(args: argparse.Namespace) -> int:
+    from r2gen.data.synthetic import generate_sample
+
+    summary = generate_sample(args.out, args.studies, args.seed, layout=args.layout, image_size=args.image_size)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,376 @@
+"""R2Gen's training recipe at one precision, with resume, dvclive logging and honest measurements.
+
+Recipe (public code, R2GEN_NOTES.md §6): Adam(amsgrad) with lr 5e-5 for the visual extractor and
+1e-4 for the rest, weight decay 5e-5, StepLR stepped per epoch, element-wise gradient value
+clipping (after ``unscale_`` under fp16), token-mean NLL. Differences, on purpose: checkpoints hold
+the scheduler, scaler and RNG states (the public code drops the scheduler), the shipped model is the
+last epoch's (the public code picks by val BLEU-4 and also tracks test), and the laterality-swapping
+horizontal flip is off by default (``data.hflip``).
+
+Every epoch ends with an atomic checkpoint in ``checkpoint_dir``; rerunning with the same config
+resumes from it and reaches the same result as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import r2gen
+from r2gen import precision as prec
+from r2gen.checkpoint import load_torch, save_model, save_torch
+from r2gen.config import Params, to_dict
+from r2gen.data.images import PreparedSplit, load_prepared
+from r2gen.errors import R2GenError
+from r2gen.io import write_json
+from r2gen.model.r2gen import R2Gen
+from r2gen.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------- data
+class StudyBatches:
+    """Mini-batches ``(uint8 images (B, V, S, S), token ids (B, T))`` from a prepared split.
+
+    Training batches are shuffled by ``generator``, and each view is randomly cropped (and
+    optionally flipped) as R2Gen's torchvision transforms do; evaluation batches are in order.
+    """
+
+    def __init__(self, split: PreparedSplit, tokenizer: Tokenizer, batch_size: int, image_size: int,
+                 *, train: bool, hflip: bool = False, generator: torch.Generator | None = None):
+        self.split, self.batch_size, self.image_size = split, batch_size, image_size
+        self.train, self.hflip, self.generator = train, hflip, generator
+        self.labels = [torch.tensor(tokenizer.encode(r), dtype=torch.long) for r in split.reports]
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    def __iter__(self):
+        n = len(self.labels)
+        order = torch.randperm(n, generator=self.generator) if self.train else torch.arange(n)
+        for start in range(0, n, self.batch_size):
+            idx = order[start : start + self.batch_size]
+            images = torch.from_numpy(np.ascontiguousarray(self.split.images[idx.numpy()]))
+            if self.train:
+                images = self._augment(images)
+            labels = torch.nn.utils.rnn.pad_sequence([self.labels[i] for i in idx.tolist()], batch_first=True)
+            yield images, labels
+
+    def _augment(self, images: torch.Tensor) -> torch.Tensor:
+        B, V, S = images.shape[0], images.shape[1], images.shape[-1]
+        size = self.image_size
+        if S > size:  # RandomCrop, drawn per view like R2Gen's per-image transform
+            offsets = torch.randint(0, S - size + 1, (B, V, 2), generator=self.generator)
+            images = torch.stack([
+                torch.stack([images[b, v, y : y + size, x : x + size] for v, (y, x) in enumerate(offsets[b].tolist())])
+                for b in range(B)
+            ])
+        if self.hflip:
+            flip = torch.rand(B, V, generator=self.generator) < 0.5
+            images = torch.where(flip[:, :, None, None], images.flip(-1), images)
+        return images
+
+
+def evaluate_loss(model: R2Gen, batches: StudyBatches, plan: prec.PrecisionPlan) -> float:
+    """Teacher-forced token-mean NLL over a split (eval mode, no dropout)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0.0
+    with torch.no_grad():
+        for images, labels in batches:
+            images, labels = images.to(plan.device), labels.to(plan.device)
+            with plan.autocast():
+                out = model(images, labels)
+            n = float(R2Gen.target_mask(labels).sum())
+            total += float(out.loss) * n
+            count += n
+    model.train(was_training)
+    return total / max(count, 1.0)
+
+
+# ---------------------------------------------------------------------------------------- logging
+class LiveLogger:
+    """dvclive, configured for a DVC pipeline: no dvc.yaml rewrite, no experiment commit."""
+
+    def __init__(self, live_dir: Path, resume_step: int | None, system_monitor: bool):
+        from dvclive import Live
+
+        if resume_step is None:
+            shutil.rmtree(live_dir, ignore_errors=True)
+        else:
+            _truncate_history(live_dir, resume_step)
+        self.live = Live(str(live_dir), resume=resume_step is not None, dvcyaml=False,
+                         save_dvc_exp=False, monitor_system=system_monitor)
+        self._started = resume_step is not None
+        if self._started:
+            self.live.step = resume_step
+
+    def log_step(self, metrics: dict[str, float]) -> None:
+        """Metrics of a new training step (dvclive step = optimizer steps so far - 1)."""
+        if self._started:
+            self.live.next_step()
+        self._started = True
+        self.log(metrics)
+
+    def log(self, metrics: dict[str, float]) -> None:
+        """Metrics at the current step (epoch metrics share the step of the epoch's last step)."""
+        for name, value in metrics.items():
+            self.live.log_metric(name, value)
+
+    def end(self) -> None:
+        self.live.end()
+
+
+def _truncate_history(live_dir: Path, step: int) -> None:
+    """Drop history rows logged after ``step`` (work lost by a kill) before resuming."""
+    for tsv in Path(live_dir).glob("plots/metrics/**/*.tsv"):
+        lines = tsv.read_text().splitlines(keepends=True)
+        if not lines:
+            continue
+        col = lines[0].rstrip("\n").split("\t").index("step")
+        kept = [lines[0]] + [ln for ln in lines[1:] if int(ln.split("\t")[col]) <= step]
+        tsv.write_text("".join(kept))
+
+
+# ---------------------------------------------------------------------------------------- memory
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_memory(device: torch.device) -> tuple[int, int, str]:
+    """(peak bytes, device total bytes, what was measured)."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        return torch.cuda.max_memory_allocated(device), total, "torch.cuda.max_memory_allocated"
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, total, "peak RSS of the process"
+
+
+# ---------------------------------------------------------------------------------------- training
+@dataclass(frozen=True)
+class TrainPaths:
+    prepared: Path
+    tokenizer: Path
+    model_out: Path  # the shipped model file
+    checkpoint_dir: Path  # resume state (persisted across killed runs)
+    live_dir: Path  # dvclive history
+    metrics: Path  # summary JSON gated in CI
+
+
+def config_fingerprint(params: Params, precision: str) -> str:
+    """Hash of everything that changes the training result: a checkpoint resumes only if it matches."""
+    relevant = {
+        "precision": precision, "seed": params.seed, "threads": params.threads,
+        "data": to_dict(params.data), "tokenizer": to_dict(params.tokenizer), "model": to_dict(params.model),
+        "train": {"common": to_dict(params.train.common), precision: to_dict(params.train.for_precision(precision))},
+    }
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(model: R2Gen, params: Params):
+    common = params.train.common
+    visual = list(model.visual.parameters())
+    visual_ids = {id(p) for p in visual}
+    rest = [p for p in model.parameters() if id(p) not in visual_ids]
+    optimizer = torch.optim.Adam(
+        [{"params": visual, "lr": common.lr_ve}, {"params": rest, "lr": common.lr_ed}],
+        weight_decay=common.weight_decay, amsgrad=common.amsgrad,
+    )
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, common.lr_step_size, common.lr_gamma)
+    return optimizer, scheduler
+
+
+def train(params: Params, precision: str, paths: TrainPaths) -> dict:
+    """Train R2Gen at ``precision``; writes the model, the summary metrics and dvclive history.
+
+    Returns the summary dict (also written to ``paths.metrics``).
+    """
+    common, pcfg = params.train.common, params.train.for_precision(precision)
+    torch.set_num_threads(params.threads)
+    device = prec.select_device(common.device)
+    plan = prec.resolve(precision, pcfg.backend, device, pcfg.fp8_recipe)
+    prec.set_fp32_numerics(device)
+    fingerprint = config_fingerprint(params, precision)
+    log.info("train %s | backend %s | device %s | threads %d | batch %d | config %s",
+             precision, plan.backend, device, params.threads, pcfg.batch_size, fingerprint)
+
+    tokenizer = Tokenizer.load(paths.tokenizer)
+    train_split = load_prepared(paths.prepared, "train")
+    val_split = load_prepared(paths.prepared, "val")
+    if train_split.images.shape[1] != params.data.views:
+        raise R2GenError(f"{paths.prepared} holds {train_split.images.shape[1]}-view studies but data.dataset "
+                         f"is {params.data.dataset}; rerun `dvc repro prepare`")
+
+    seed_everything(params.seed)
+    model = R2Gen(params.model, tokenizer.vocab_size).to(device)
+    conversion = prec.convert_model(model, plan)
+    optimizer, scheduler = build_optimizer(model, params)
+    scaler = plan.grad_scaler()
+    batch_gen = torch.Generator().manual_seed(params.seed)
+    train_batches = StudyBatches(train_split, tokenizer, pcfg.batch_size, params.data.image_size,
+                                 train=True, hflip=params.data.hflip, generator=batch_gen)
+    val_batches = StudyBatches(val_split, tokenizer, pcfg.batch_size, params.data.image_size, train=False)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model: %s parameters | vocabulary %d | %d train / %d val studies | %d steps per epoch",
+             f"{n_params:,}", tokenizer.vocab_size, len(train_split.ids), len(val_split.ids), len(train_batches))
+
+    # ---- resume
+    ckpt_path = paths.checkpoint_dir / "last.pt"
+    state = {"epoch": 0, "step": 0, "timed_samples": 0, "timed_seconds": 0.0, "wall_seconds": 0.0,
+             "nonfinite_steps": 0, "skipped_steps": 0, "epoch_losses": [], "val_losses": []}
+    resume_step = None
+    if ckpt_path.exists():
+        ckpt = load_torch(ckpt_path, "training checkpoint")
+        if ckpt.get("fingerprint") == fingerprint:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            scaler.load_state_dict(ckpt["scaler"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            batch_gen.set_state(ckpt["rng"]["batches"])
+            random.setstate(_to_tuple(ckpt["rng"]["python"]))
+            state = ckpt["state"]
+            resume_step = state["step"] - 1
+            log.info("resuming from %s: epoch %d done, step %d", ckpt_path, state["epoch"], state["step"])
+        else:
+            log.info("ignoring %s: it was written for another config", ckpt_path)
+    live = LiveLogger(paths.live_dir, resume_step, system_monitor=device.type == "cuda")
+
+    baseline_rss = _rss_bytes()
+    consecutive_nonfinite, verified = 0, False
+    model.train()
+    for epoch in range(state["epoch"], common.epochs):
+        epoch_loss, epoch_n = 0.0, 0
+        bar = tqdm(train_batches, desc=f"{precision} epoch {epoch + 1}/{common.epochs}", leave=False,
+                   mininterval=5, disable=None)
+        t0 = time.perf_counter()  # a step's time includes assembling its batch
+        for images, labels in bar:
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with plan.autocast():
+                out = model(images, labels)
+            loss = out.loss
+            finite = bool(torch.isfinite(loss))
+            optimizer.zero_grad(set_to_none=True)
+            stepped = finite
+            if finite:
+                scale_before = scaler.get_scale() if scaler.is_enabled() else None
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_value_(model.parameters(), common.grad_clip_value)
+                scaler.step(optimizer)
+                scaler.update()
+                if scale_before is not None and scaler.get_scale() < scale_before:
+                    stepped = False  # GradScaler found inf/NaN gradients and skipped the step
+                    state["skipped_steps"] += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t1 = time.perf_counter()
+            dt, t0 = t1 - t0, t1
+            state["step"] += 1
+            if not verified:  # the first step of this process really ran in FP8 where converted
+                prec.verify_fp8(model, plan)
+                verified = True
+            if state["step"] > common.warmup_steps:
+                state["timed_samples"] += images.shape[0]
+                state["timed_seconds"] += dt
+            state["wall_seconds"] += dt
+            if not finite:
+                state["nonfinite_steps"] += 1
+            consecutive_nonfinite = 0 if stepped else consecutive_nonfinite + 1
+            if consecutive_nonfinite >= common.max_nonfinite_steps:
+                raise R2GenError(
+                    f"{precision}: {consecutive_nonfinite} consecutive non-finite steps (last loss {float(loss):.4g}); "
+                    f"the last good checkpoint is kept in {paths.checkpoint_dir}. Lower the learning rate or use "
+                    "a wider precision (bf16/fp32)"
+                )
+            value = float(loss)
+            if finite:
+                epoch_loss += value * images.shape[0]
+                epoch_n += images.shape[0]
+            lr = optimizer.param_groups[1]["lr"]
+            live.log_step({"train/loss": value, "train/lr": lr,
+                           "train/loss_scale": scaler.get_scale() if scaler.is_enabled() else 1.0})
+            if state["step"] % common.log_every == 0:
+                log.info("step %d | loss %.3f | lr %.1e | %.0f ms/step | %.2f GiB", state["step"], value, lr,
+                         dt * 1000, _peak_memory(device)[0] / 2**30)
+        bar.close()
+        scheduler.step()
+        state["epoch"] = epoch + 1
+        train_loss = epoch_loss / max(epoch_n, 1)
+        state["epoch_losses"].append(train_loss)
+        epoch_metrics = {"epoch/train_loss": train_loss}
+        if common.validate == "every_epoch" or state["epoch"] == common.epochs:
+            val_loss = evaluate_loss(model, val_batches, plan)
+            state["val_losses"].append(val_loss)
+            epoch_metrics["epoch/val_loss"] = val_loss
+        log.info("epoch %d/%d | train loss %.4f%s", state["epoch"], common.epochs, train_loss,
+                 f" | val loss {epoch_metrics['epoch/val_loss']:.4f}" if "epoch/val_loss" in epoch_metrics else "")
+        live.log(epoch_metrics)
+        save_torch({
+            "fingerprint": fingerprint,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "batches": batch_gen.get_state(), "python": list(random.getstate())},
+            "state": state,
+        }, ckpt_path)
+
+    peak, total, peak_kind = _peak_memory(device)
+    samples_per_s = state["timed_samples"] / state["timed_seconds"] if state["timed_seconds"] else None
+    summary = {
+        "precision": precision,
+        **{k: v for k, v in plan.describe().items() if k != "precision"},
+        "fp8_linear_converted": conversion.get("linear_converted", 0),
+        "fp8_linear_total": conversion.get("linear_total", 0),
+        "grad_scaler_final_scale": scaler.get_scale() if scaler.is_enabled() else None,
+        "grad_scaler_skipped_steps": state["skipped_steps"],
+        "nonfinite_steps": state["nonfinite_steps"],
+        "batch_size": pcfg.batch_size,
+        "epochs": common.epochs,
+        "steps": state["step"],
+        "threads": params.threads,
+        "train_loss": state["epoch_losses"][-1],
+        "val_loss": state["val_losses"][-1] if state["val_losses"] else None,
+        "samples_per_s": samples_per_s,
+        "train_seconds": state["wall_seconds"],
+        "peak_memory_bytes": peak,
+        "peak_memory_fraction": peak / total,
+        "peak_memory_kind": peak_kind,
+        "baseline_rss_bytes": baseline_rss if device.type == "cpu" else None,
+        "parameters": n_params,
+        "r2gen_version": r2gen.__version__,
+    }
+    save_model(
+        paths.model_out, model_config=params.model, vocab_size=tokenizer.vocab_size, tokenizer=tokenizer.to_dict(),
+        state_dict=prec.plain_state_dict(model.state_dict()),
+        data={"dataset": params.data.dataset, "views": params.data.views, "image_size": params.data.image_size},
+        info={"train": summary, "fingerprint": fingerprint},
+    )
+    write_json(paths.metrics, summary)
+    live.end()
+    return summary
+
+
+def _to_tuple(obj):
+    """random.getstate() round-trips through lists in the checkpoint."""
+    return tuple(_to_tuple(x) for x in obj) if isinstance(obj, list) else obj

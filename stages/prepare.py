@@ -1,0 +1,29 @@
+"""Stage `prepare`: validate every study of data.root and cache its images as uint8 arrays.
+
+    python stages/prepare.py prepared
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from _common import load_params, run, usage
+
+from r2gen.data.images import prepare_dataset
+
+log = logging.getLogger("prepare")
+
+
+def main(argv: list[str]) -> None:
+    (out,) = usage(__doc__, argv, 1)
+    params = load_params()
+    log.info("prepare %s (%s, %d views) -> %s at %d px", params.data.root, params.data.dataset,
+             params.data.views, out, params.data.image_size)
+    summary = prepare_dataset(params.data, Path(out), fixes=params.tokenizer.fixes)
+    counts = ", ".join(f"{split} {n}" for split, n in summary["counts"].items())
+    log.info("prepared %s | dropped %d | %.1f MiB", counts, len(summary["dropped"]), summary["bytes"] / 2**20)
+
+
+if __name__ == "__main__":
+    raise SystemExit(run(main))
