@@ -501,7 +501,8 @@ def test_load_prepared_rejects_missing_or_incomplete_cache(tmp_path):
         load_prepared(out, "val")
 
     np.save(out / "test.npy", np.zeros((2, 2, 8, 8), np.uint8))
-    with pytest.raises(DataError, match=r"test.npy holds uint8 \(2, 2, 8, 8\), summary.json says uint8 \(2, 2, 16, 16\)"):
+    expected = r"test.npy holds uint8 \(2, 2, 8, 8\), summary.json says uint8 \(2, 2, 16, 16\)"
+    with pytest.raises(DataError, match=expected):
         load_prepared(out, "test")
 
     (out / "train.npy").write_bytes(b"\x93NUMPY garbage")

@@ -148,7 +148,9 @@ def _study(entry: object, split: str, index: int, images: Path, path: Path) -> S
     return Study(str(study_id), report, tuple(images / p for p in image_path), split, index)
 
 
-def validate_dataset(cfg: DataConfig, fixes: tuple[str, ...] = (), on_image: ImageSink | None = None) -> ValidationResult:
+def validate_dataset(
+    cfg: DataConfig, fixes: tuple[str, ...] = (), on_image: ImageSink | None = None
+) -> ValidationResult:
     """Check every study of ``cfg.root``; keep the good ones and stop at, or drop, the bad ones.
 
     A study is bad when its id is not unique across splits, it has the wrong number of views, its
@@ -185,7 +187,8 @@ def validate_dataset(cfg: DataConfig, fixes: tuple[str, ...] = (), on_image: Ima
     ) as bar:
         for start in range(0, len(to_decode), _CHUNK):
             chunk = to_decode[start : start + _CHUNK]
-            for study, problem in zip(chunk, pool.map(lambda s: _image_problems(s, images, images_real, on_image), chunk)):
+            found = pool.map(lambda study: _image_problems(study, images, images_real, on_image), chunk)
+            for study, problem in zip(chunk, found):
                 if problem:
                     problems[(study.split, study.index)] = problem
             bar.update(len(chunk))
@@ -235,8 +238,9 @@ def _study_problems(
             if len(where[study.id]) > 1:
                 # Every copy goes: keeping one would still leave the choice (and a possible
                 # train/test leak) to the order of the file.
+                splits = " and ".join(sorted(set(where[study.id])))
                 problems[key] = (
-                    f"duplicate study id {study.id} ({len(where[study.id])} entries, in {' and '.join(sorted(set(where[study.id])))})",
+                    f"duplicate study id {study.id} ({len(where[study.id])} entries, in {splits})",
                     "give every study a unique id",
                 )
             elif len(study.image_paths) != cfg.views:
@@ -260,7 +264,9 @@ def _invalid_char(text: str) -> str | None:
     return None
 
 
-def _image_problems(study: Study, images: Path, images_real: Path, on_image: ImageSink | None) -> tuple[str, str] | None:
+def _image_problems(
+    study: Study, images: Path, images_real: Path, on_image: ImageSink | None
+) -> tuple[str, str] | None:
     for view, path in enumerate(study.image_paths):
         checked = _open_image(path, images, images_real)
         if isinstance(checked, tuple):
