@@ -1,0 +1,517 @@
+"""The precision policy: what fp32, fp16, bf16 and fp8 mean on this machine, and how to run them.
+
+| precision | backend  | the forward pass runs under                                   | GradScaler |
+|-----------|----------|---------------------------------------------------------------|------------|
+| fp32      | native   | no autocast; TF32 off for matmuls and cuDNN convs             | off        |
+| fp16      | native   | ``torch.autocast(fp16)`` (CPU too: real fp16, speed not meaningful) | on   |
+| bf16      | native   | ``torch.autocast(bf16)``                                      | off        |
+| fp8       | te       | ``torch.autocast(bf16)`` + Transformer Engine ``te.autocast(recipe)`` | off |
+| fp8       | emulated | ``torch.autocast(bf16)`` + :func:`r2gen.fp8_emulation.fp8_autocast` | off  |
+
+``backend: auto`` picks native for fp32/fp16/bf16; for fp8 it picks te on a CUDA GPU with compute
+capability >= 8.9 where ``transformer_engine`` imports, emulated everywhere else, and records why
+(``PrecisionPlan.reason``). Both fp8 backends use the HYBRID format (E4M3 forward, E5M2 backward),
+the same recipe (``delayed`` or ``current`` scaling) and the same layers: the ``nn.Linear`` modules
+that the model lists in ``fp8_candidates()`` whose in and out features are multiples of 16; the
+rest of the model runs in bf16 autocast. An emulated run reproduces FP8 numerics, never FP8 speed.
+
+Typical use (the training loop)::
+
+    device = select_device(cfg.device)
+    plan = resolve(precision, backend, device, fp8_recipe)
+    set_fp32_numerics(device)
+    model = build_model(...).to(device)
+    conversion = convert_model(model, plan)  # before the optimizer is built
+    scaler = plan.grad_scaler()
+    with plan.autocast():
+        loss = model(images, targets).loss
+    scaler.scale(loss).backward()
+    ...
+    verify_fp8(model, plan)  # after the first step
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.metadata
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from r2gen import fp8_emulation
+from r2gen.config import BACKENDS, FP8_RECIPES, PRECISIONS
+from r2gen.errors import PrecisionError
+from r2gen.fp8_emulation import EmulatedFp8Linear
+
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {
+    "fp32": None,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+    "fp8": torch.bfloat16,  # everything that is not an FP8 Linear
+}
+TE_MIN_CAPABILITY = (8, 9)  # Ada and Hopper have FP8 tensor cores
+BF16_MIN_CAPABILITY = (8, 0)  # Ampere
+FP8_MULTIPLE = 16  # TE's FP8 GEMMs need in/out features divisible by 16
+FP8_STATE_KEYS = ("_extra_state", "fp8_amax_history", "fp8_scale")  # state-dict leaves that are fp8 bookkeeping
+FP8_FORMAT = "HYBRID (E4M3 forward, E5M2 backward)"
+# CPU flags of native low-precision arithmetic (x86 AVX-512/AMX; Arm "bf16" and "asimdhp").
+CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+CPU_FP16_FLAGS = frozenset({"avx512_fp16", "amx_fp16", "asimdhp"})
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What :func:`probe_hardware` found for one device."""
+
+    cuda_available: bool
+    device_name: str
+    capability: tuple[int, int] | None = None  # CUDA compute capability; None on a CPU
+    te_version: str | None = None  # transformer_engine version if it imports
+    te_error: str | None = None  # why it does not, or why it was not tried
+
+
+def probe_hardware(device: torch.device) -> Hardware:
+    """Ask the machine about ``device``: its name, CUDA compute capability, Transformer Engine.
+
+    The only function here that touches the hardware; tests monkeypatch it to play other machines.
+    """
+    cuda_available = torch.cuda.is_available()
+    if device.type != "cuda" or not cuda_available:
+        return Hardware(cuda_available, _cpu_name(), te_error="not tried without a CUDA device")
+    capability = torch.cuda.get_device_capability(device)
+    name = torch.cuda.get_device_name(device)
+    if capability < TE_MIN_CAPABILITY:
+        return Hardware(True, name, capability, te_error="not tried below compute capability 8.9")
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception as exc:  # ImportError, or OSError/RuntimeError when its CUDA libraries do not match
+        return Hardware(True, name, capability, te_error=f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+    return Hardware(True, name, capability, te_version=importlib.metadata.version("transformer_engine"))
+
+
+def cpu_support() -> dict:
+    """The CPU's vector capability and whether it has native bf16/fp16 arithmetic."""
+    flags = _cpu_flags()
+    return {
+        "capability": torch.backends.cpu.get_cpu_capability(),  # e.g. AVX2, AVX512
+        "bf16": bool(flags & CPU_BF16_FLAGS),
+        "fp16": bool(flags & CPU_FP16_FLAGS),
+        "flags": sorted(flags & (CPU_BF16_FLAGS | CPU_FP16_FLAGS)),
+    }
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    """How one run computes: what the forward pass runs under, with which backend, on which device."""
+
+    precision: str  # fp32 | fp16 | bf16 | fp8
+    backend: str  # native | te | emulated
+    device: torch.device
+    autocast_dtype: torch.dtype | None  # None for fp32; bf16 for fp8 (te and emulated)
+    fp8_recipe: str | None  # delayed | current for fp8, else None
+    requested_backend: str = "auto"  # what params.yaml asked for
+    reason: str = ""  # why this backend, e.g. "auto: no CUDA device, so emulated"
+    hardware: Hardware | None = None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Everything the forward pass runs under (autocast, and the FP8 context for fp8)."""
+        if self.precision == "fp8":
+            return _fp8_context(self)
+        if self.autocast_dtype is None:
+            # Explicitly off, so an fp32 evaluation inside someone else's autocast stays fp32.
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """A GradScaler that is enabled only for fp16 (bf16 and fp8's bf16 have fp32's range)."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
+    def describe(self) -> dict:
+        """JSON-safe record of the plan and the environment, for metrics and the report."""
+        hardware = self.hardware or probe_hardware(self.device)
+        cpu = cpu_support()
+        return {
+            "precision": self.precision,
+            "backend": self.backend,
+            "backend_requested": self.requested_backend,
+            "backend_reason": self.reason,
+            "autocast_dtype": _dtype_name(self.autocast_dtype),
+            "grad_scaler": self.precision == "fp16",
+            "fp8_recipe": self.fp8_recipe,
+            "fp8_format": FP8_FORMAT if self.precision == "fp8" else None,
+            "device": str(self.device),
+            "device_name": hardware.device_name,
+            "compute_capability": ".".join(map(str, hardware.capability)) if hardware.capability else None,
+            "cpu_capability": cpu["capability"],
+            "cpu_native_bf16": cpu["bf16"],
+            "cpu_native_fp16": cpu["fp16"],
+            "fp32_precision": fp32_precision_flags(),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "transformer_engine": hardware.te_version,
+            "speed_comparable": self._speed_comparable(cpu),
+            "note": self._note(cpu, hardware),
+        }
+
+    def _speed_comparable(self, cpu: dict) -> bool:
+        if self.backend == "emulated":
+            return False
+        if self.device.type == "cpu" and self.precision in ("fp16", "bf16"):
+            return cpu[self.precision]
+        return True
+
+    def _note(self, cpu: dict, hardware: Hardware) -> str:
+        p = self.precision
+        if p == "fp32":
+            return "fp32 with TF32 off for matmuls and cuDNN convs: the full-precision baseline"
+        if p == "fp8" and self.backend == "te":
+            return f"fp8 via Transformer Engine {hardware.te_version} ({self.fp8_recipe} scaling, HYBRID) inside bf16 autocast"
+        if p == "fp8":
+            return (f"fp8 emulated ({self.fp8_recipe} scaling, HYBRID) inside bf16 autocast: FP8 numerics only, "
+                    "its speed is not FP8 speed")
+        if self.device.type == "cpu" and not cpu[p]:
+            return (f"{p} autocast on a CPU without native {p} arithmetic ({cpu['capability']}): "
+                    f"real {p} numerics, speed not comparable")
+        scaler = " with GradScaler" if p == "fp16" else ""
+        return f"{p} autocast{scaler} on {hardware.device_name}"
+
+
+def select_device(requested: str) -> torch.device:
+    """The torch device for ``train.common.device``: auto (cuda if available) | cpu | cuda."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cpu":
+        return torch.device("cpu")
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise PrecisionError(_no_cuda_message("train.common.device is cuda"))
+        return torch.device("cuda")
+    raise PrecisionError(f"unsupported device '{requested}' (train.common.device in params.yaml), "
+                         "must be one of: auto, cpu, cuda")
+
+
+def resolve(precision: str, backend: str = "auto", device: str | torch.device = "cpu",
+            fp8_recipe: str = "delayed") -> PrecisionPlan:
+    """Turn ``precision`` and ``backend`` (from ``train.<precision>``) into a plan for ``device``.
+
+    Raises:
+        PrecisionError: an unknown value, or a combination this machine cannot run; the message
+            says what was found and which setting to change.
+    """
+    key = f"train.{precision}.backend"
+    _check_choice("precision", precision, PRECISIONS)
+    _check_choice(key, backend, BACKENDS)
+    _check_choice(f"train.{precision}.fp8_recipe", fp8_recipe, FP8_RECIPES)
+    device = torch.device(device)
+    hardware = probe_hardware(device)
+    if device.type == "cuda" and not hardware.cuda_available:
+        raise PrecisionError(_no_cuda_message(f"device {device} was requested"))
+    dtype = AUTOCAST_DTYPES[precision]
+
+    if precision != "fp8":
+        if backend in ("te", "emulated"):
+            raise PrecisionError(f"backend {backend} is for fp8 only ({precision} runs on torch's native autocast); "
+                                 f"set {key} to native or auto in params.yaml")
+        if precision == "bf16" and hardware.capability and hardware.capability < BF16_MIN_CAPABILITY:
+            raise PrecisionError(f"bf16 needs a CUDA GPU with compute capability >= 8.0; found: {_found(hardware, device)}. "
+                                 "Use precision fp16 or fp32, or train.common.device: cpu in params.yaml")
+        reason = "auto: native torch autocast" if backend == "auto" else "requested"
+        return PrecisionPlan(precision, "native", device, dtype, None, backend, reason, hardware)
+
+    if backend == "native":
+        raise PrecisionError(f"fp8 has no native torch backend here; set {key} in params.yaml to te (CUDA GPU with "
+                             "compute capability >= 8.9 and transformer-engine), emulated (numerics only) or auto")
+    te_usable = (hardware.capability is not None and hardware.capability >= TE_MIN_CAPABILITY
+                 and hardware.te_version is not None)
+    if backend == "te" and not te_usable:
+        raise PrecisionError(f"fp8 with backend te needs a CUDA GPU with compute capability >= 8.9 and "
+                             f"transformer-engine; found: {_found(hardware, device)}. Use backend: emulated "
+                             f"(numerics only) or auto ({key} in params.yaml)")
+    if backend == "auto":
+        chosen = "te" if te_usable else "emulated"
+        reason = (f"auto: {hardware.device_name} with transformer-engine {hardware.te_version}" if te_usable
+                  else f"auto: emulated because fp8 backend te needs cc >= 8.9 and transformer-engine; "
+                       f"found: {_found(hardware, device)}")
+    else:
+        chosen, reason = backend, "requested"
+    return PrecisionPlan("fp8", chosen, device, dtype, fp8_recipe, backend, reason, hardware)
+
+
+def set_fp32_numerics(device: str | torch.device) -> None:
+    """Make fp32 mean IEEE fp32: TF32 off for matmuls, cuDNN convs/RNNs and oneDNN (CPU).
+
+    Call it for every precision: autocast decides what runs in low precision, and what it leaves
+    in fp32 (losses, norms, softmax, fp32 baselines) must not silently become TF32. torch >= 2.9
+    runs cuDNN convs in TF32 by default. The flags are process-wide, so ``device`` only documents
+    where the run will compute.
+    """
+    del device  # process-wide flags; see docstring
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        # The current API (torch >= 2.9). Do not mix it with the legacy allow_tf32 flags: torch then
+        # refuses to read torch.backends.cudnn.allow_tf32.
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+        torch.backends.cudnn.rnn.fp32_precision = "ieee"
+        torch.backends.mkldnn.matmul.fp32_precision = "ieee"
+        torch.backends.mkldnn.conv.fp32_precision = "ieee"
+        torch.backends.mkldnn.rnn.fp32_precision = "ieee"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+
+def fp32_precision_flags() -> dict:
+    """The fp32 compute mode of matmuls and convs, as recorded in :meth:`PrecisionPlan.describe`."""
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        return {"cuda_matmul": torch.backends.cuda.matmul.fp32_precision,
+                "cudnn_conv": torch.backends.cudnn.conv.fp32_precision,
+                "cpu_matmul": torch.backends.mkldnn.matmul.fp32_precision}
+    return {"cuda_matmul": "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee",
+            "cudnn_conv": "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"}
+
+
+def convert_model(model: nn.Module, plan: PrecisionPlan) -> dict:
+    """Swap the model's eligible Linears for FP8 ones (TE or emulated), in place; fp8 plans only.
+
+    The model names its candidates in ``model.fp8_candidates()`` (a list of ``(qualified_name,
+    nn.Linear)``); a candidate is converted if its in and out features are multiples of 16 and it
+    has one parent (a shared module would come untied). Parameters keep the names ``weight`` and
+    ``bias``, so a plain model's state dict loads into the converted model (its fp8 state starts
+    cold) and :func:`plain_state_dict` of the converted model loads into a plain one. Call it after
+    ``model.to(device)`` and before building the optimizer (TE layers own new Parameters).
+
+    Returns:
+        ``{"converted": [names], "skipped": {name: reason}, "linear_total": all nn.Linear modules of
+        the model, "linear_converted": n}``; for fp32/fp16/bf16 nothing is converted.
+
+    Raises:
+        PrecisionError: fp8 was requested but no candidate is eligible (the run would be bf16).
+    """
+    report = {
+        "converted": [],
+        "skipped": {},
+        "linear_total": sum(isinstance(m, nn.Linear) for m in model.modules()),
+        "linear_converted": 0,
+    }
+    if plan.precision != "fp8":
+        return report
+    if not hasattr(model, "fp8_candidates"):
+        raise TypeError(f"{type(model).__name__} has no fp8_candidates() method listing its FP8-eligible Linears")
+    parents: dict[int, int] = {}  # id(module) -> number of (parent, attribute) slots holding it
+    for _, module in model.named_modules(remove_duplicate=False):
+        parents[id(module)] = parents.get(id(module), 0) + 1
+    make = EmulatedFp8Linear.from_linear if plan.backend == "emulated" else _te_linear_from
+
+    for name, linear in dict(model.fp8_candidates()).items():
+        if model.get_submodule(name) is not linear:
+            raise ValueError(f"fp8_candidates() of {type(model).__name__} names '{name}', which is another module")
+        reason = _ineligible(linear, parents[id(linear)])
+        if reason:
+            report["skipped"][name] = reason
+            continue
+        parent_name, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attribute, make(linear))
+        report["converted"].append(name)
+    report["linear_converted"] = len(report["converted"])
+
+    if not report["converted"]:
+        reasons = "; ".join(f"{n}: {r}" for n, r in list(report["skipped"].items())[:3]) or "the model lists none"
+        raise PrecisionError(f"fp8 would convert no layer of {type(model).__name__} ({reasons}); use model sizes "
+                             "that are multiples of 16 (model.d_model, model.d_ff in params.yaml) or precision bf16")
+    return report
+
+
+def verify_fp8(model: nn.Module, plan: PrecisionPlan) -> None:
+    """After the first training step: every converted layer ran its forward (and backward) in FP8.
+
+    Catches a forward pass that ran outside ``plan.autocast()``, or a model that bypasses a converted
+    layer, before an "fp8" run reports bf16 numbers. No-op for other precisions.
+    """
+    if plan.precision != "fp8":
+        return
+    fp8_type = EmulatedFp8Linear if plan.backend == "emulated" else _te_linear_class()
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, fp8_type)]
+    if not layers:
+        raise PrecisionError("fp8 run has no FP8 layers: call r2gen.precision.convert_model(model, plan) "
+                             "before training")
+    failed = [name for name, m in layers if not _ran_in_fp8(m, plan)]
+    if failed:
+        shown = ", ".join(failed[:5]) + (", ..." if len(failed) > 5 else "")
+        raise PrecisionError(f"fp8 check after step 1: {len(failed)} of {len(layers)} converted layers did not run "
+                             f"in FP8 ({shown}); run the forward pass under plan.autocast() and call every converted layer")
+
+
+def plain_state_dict(state_dict: dict) -> dict:
+    """``state_dict`` without fp8 bookkeeping (TE ``_extra_state``, emulated amax histories and scales).
+
+    The result loads into the unconverted fp32 model (evaluation, ``r2gen generate``).
+    """
+    return {k: v for k, v in state_dict.items() if k.rpartition(".")[2] not in FP8_STATE_KEYS}
+
+
+def mask_fill_value(dtype: torch.dtype) -> float:
+    """The most negative finite value of ``dtype``, for additive attention masks (never -1e9 in fp16)."""
+    return torch.finfo(dtype).min
+
+
+# --- fp8 internals ---------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _fp8_context(plan: PrecisionPlan) -> Iterator[None]:
+    with torch.autocast(plan.device.type, dtype=torch.bfloat16):
+        fp8 = _te_autocast(plan.fp8_recipe) if plan.backend == "te" else fp8_emulation.fp8_autocast(plan.fp8_recipe)
+        with fp8:
+            yield
+
+
+def _ineligible(linear: nn.Module, parents: int) -> str | None:
+    if not isinstance(linear, nn.Linear):
+        return f"{type(linear).__name__} is not an nn.Linear"
+    if isinstance(linear, EmulatedFp8Linear):
+        return "already converted"
+    if parents > 1:
+        return f"shared by {parents} parents (converting one would untie them)"
+    bad = [f"{attr} {getattr(linear, attr)}" for attr in ("in_features", "out_features")
+           if getattr(linear, attr) % FP8_MULTIPLE]
+    if bad:
+        return f"{' and '.join(bad)} not a multiple of {FP8_MULTIPLE}"
+    return None
+
+
+def _ran_in_fp8(module: nn.Module, plan: PrecisionPlan) -> bool:
+    if module.fp8_forward_calls == 0:
+        return False
+    if plan.backend == "emulated":
+        return module.fp8_backward_calls > 0
+    # TE: the forward count says FP8 was on; delayed scaling also shows the backward's amax.
+    meta = module.fp8_meta.get("scaling_bwd")
+    return meta is None or bool(meta.amax_history.abs().sum() > 0)
+
+
+def _import_te():
+    import transformer_engine.pytorch as te
+
+    return te
+
+
+def _fp8_global_state():
+    try:
+        from transformer_engine.pytorch.quantization import FP8GlobalStateManager
+    except ImportError:  # TE < 2.10
+        from transformer_engine.pytorch.fp8 import FP8GlobalStateManager
+    return FP8GlobalStateManager
+
+
+@functools.cache
+def _te_recipe(name: str):
+    from transformer_engine.common import recipe
+
+    if name == "delayed":
+        # TE's defaults, spelled out because they define the numerics we compare against.
+        return recipe.DelayedScaling(fp8_format=recipe.Format.HYBRID, margin=0, amax_history_len=1024,
+                                     amax_compute_algo="max")
+    return recipe.Float8CurrentScaling(fp8_format=recipe.Format.HYBRID)
+
+
+def _te_autocast(recipe_name: str) -> contextlib.AbstractContextManager:
+    te = _import_te()
+    recipe = _te_recipe(recipe_name)
+    if hasattr(te, "autocast"):  # TE >= 2.10; fp8_autocast is deprecated there
+        return te.autocast(enabled=True, recipe=recipe)
+    return te.fp8_autocast(enabled=True, fp8_recipe=recipe)
+
+
+@functools.cache
+def _te_linear_class() -> type:
+    """``te.Linear`` made fit for our model: padded rows, an FP8 forward count, plain state dicts."""
+    te = _import_te()
+
+    class TELinear(te.Linear):
+        fp8_forward_calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            # TE's FP8 GEMM needs the rows (batch x tokens) divisible by 8; zero rows change no amax.
+            rows = x.numel() // x.shape[-1]
+            x2 = x.reshape(rows, x.shape[-1])  # (N, in)
+            pad = -rows % FP8_MULTIPLE
+            if pad:
+                x2 = F.pad(x2, (0, 0, 0, pad))  # (N + pad, in)
+            y = super().forward(x2)  # (N + pad, out)
+            self.fp8_forward_calls += int(_fp8_global_state().is_fp8_enabled())
+            return y[:rows].reshape(*x.shape[:-1], y.shape[-1])  # (..., out)
+
+        def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                                  unexpected_keys, error_msgs) -> None:
+            # A plain Linear's state dict has no _extra_state: load the weights, keep TE's fresh fp8 state.
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)
+            key = prefix + "_extra_state"
+            if key not in state_dict and key in missing_keys:
+                missing_keys.remove(key)
+
+    return TELinear
+
+
+def _te_linear_from(linear: nn.Linear) -> nn.Module:
+    new = _te_linear_class()(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                             params_dtype=linear.weight.dtype, device=linear.weight.device)
+    with torch.no_grad():
+        new.weight.copy_(linear.weight)
+        if linear.bias is not None:
+            new.bias.copy_(linear.bias)
+    new.train(linear.training)
+    return new
+
+
+# --- small helpers -----------------------------------------------------------------------------
+
+def _found(hardware: Hardware, device: torch.device) -> str:
+    """What the machine has, for 'found: ...' in error messages."""
+    if device.type != "cuda":
+        return "no CUDA device" if not hardware.cuda_available else f"device {device} selected (train.common.device)"
+    cc = ".".join(map(str, hardware.capability))
+    if hardware.capability < TE_MIN_CAPABILITY:
+        return f"{hardware.device_name} with compute capability {cc}"
+    return (f"{hardware.device_name} (compute capability {cc}) but transformer_engine does not import "
+            f"({hardware.te_error}); install it with pip install 'r2gen-precision[fp8]'")
+
+
+def _no_cuda_message(what: str) -> str:
+    return (f"{what} but no CUDA device is usable (torch {torch.__version__}, built with CUDA "
+            f"{torch.version.cuda or 'none'}); set train.common.device to auto or cpu in params.yaml")
+
+
+def _check_choice(key: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise PrecisionError(f"unsupported {key} '{value}' in params.yaml, must be one of: {', '.join(valid)}")
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _cpu_flags() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: flags unknown, so no claim of native support
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):  # x86 | Arm
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
