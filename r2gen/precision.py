@@ -28,6 +28,14 @@ Typical use (the training loop)::
     scaler.scale(loss).backward()
     ...
     verify_fp8(model, plan)  # after the first step
+
+Checkpoints: the emulated fp8 state is tensor buffers and TE's ``_extra_state`` is a uint8 tensor, so
+both files load with ``torch.load(weights_only=True)``. TE itself unpickles that tensor when it is
+loaded into a ``te.Linear``; for the delayed recipe TE >= 2.18 refuses unless
+``NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1`` (older TE unpickles silently). Loading
+``plain_state_dict(...)`` instead resumes with fresh TE fp8 state. The two backends differ in one
+deliberate way: TE's delayed scaling starts from scale 1, the emulation from the first step's amax
+(see :mod:`r2gen.fp8_emulation`).
 """
 
 from __future__ import annotations
@@ -389,9 +397,10 @@ def _ran_in_fp8(module: nn.Module, plan: PrecisionPlan) -> bool:
         return False
     if plan.backend == "emulated":
         return module.fp8_backward_calls > 0
-    # TE: the forward count says FP8 was on; delayed scaling also shows the backward's amax.
-    meta = module.fp8_meta.get("scaling_bwd")
-    return meta is None or bool(meta.amax_history.abs().sum() > 0)
+    if plan.fp8_recipe != "delayed":
+        return True  # TE's current scaling keeps no state that would show the backward
+    # Delayed scaling records the backward's gradient amax in TE's history.
+    return bool(module.fp8_meta["scaling_bwd"].amax_history.abs().sum() > 0)
 
 
 def _import_te():

@@ -74,7 +74,8 @@ def toy_data(n: int = 64, d_in: int = 32, classes: int = 4):
 
 
 def train(model: nn.Module, plan, steps: int, lr: float = 3e-3, optimizer=None) -> list[float]:
-    x, y = toy_data()
+    device = next(model.parameters()).device
+    x, y = (t.to(device) for t in toy_data())
     optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=lr)
     scaler = plan.grad_scaler()
     losses = []
@@ -500,3 +501,31 @@ def test_fp8_and_bf16_losses_track_fp32_over_30_steps():
     for name, curve in losses.items():
         deviation = (curve - reference).abs().max().item()
         assert deviation < 0.05, f"{name} deviates from fp32 by {deviation:.4f}"
+
+
+# --- Transformer Engine on a real GPU (skipped elsewhere) -----------------------------------------
+
+def te_ready() -> bool:
+    return torch.cuda.is_available() and precision.probe_hardware(torch.device("cuda")).te_version is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not te_ready(), reason="needs a CUDA GPU with compute capability >= 8.9 and transformer-engine")
+@pytest.mark.parametrize("recipe", ["delayed", "current"])
+def test_te_backend_trains_in_fp8_and_tracks_the_emulation(recipe, tmp_path):
+    device = torch.device("cuda")
+    losses, models = {}, {}
+    for backend in ("te", "emulated"):
+        torch.manual_seed(0)
+        model = models[backend] = ToyModel().to(device)
+        plan = resolve("fp8", backend, device, recipe)
+        assert convert_model(model, plan)["converted"] == ["inp", "block.up", "hidden"]
+        losses[backend] = torch.tensor(train(model, plan, steps=10))
+        verify_fp8(model, plan)
+        with plan.autocast():
+            assert model(torch.randn(5, 3, 32, device=device)).shape == (5, 3, 4)  # rows padded for TE
+    assert (losses["te"] - losses["emulated"]).abs().max() < 0.05  # TE's delayed step 1 starts from scale 1
+
+    torch.save(models["te"].state_dict(), tmp_path / "model.pt")  # _extra_state is a uint8 tensor
+    plain = ToyModel().to(device)
+    plain.load_state_dict(plain_state_dict(torch.load(tmp_path / "model.pt", weights_only=True)))
