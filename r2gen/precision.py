@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.metadata
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,10 +96,11 @@ def probe_hardware(device: torch.device) -> Hardware:
     if capability < TE_MIN_CAPABILITY:
         return Hardware(True, name, capability, te_error="not tried below compute capability 8.9")
     try:
+        import transformer_engine
         import transformer_engine.pytorch  # noqa: F401
     except Exception as exc:  # ImportError, or OSError/RuntimeError when its CUDA libraries do not match
         return Hardware(True, name, capability, te_error=f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
-    return Hardware(True, name, capability, te_version=importlib.metadata.version("transformer_engine"))
+    return Hardware(True, name, capability, te_version=transformer_engine.__version__)
 
 
 def cpu_support() -> dict:
@@ -179,7 +179,8 @@ class PrecisionPlan:
         if p == "fp32":
             return "fp32 with TF32 off for matmuls and cuDNN convs: the full-precision baseline"
         if p == "fp8" and self.backend == "te":
-            return f"fp8 via Transformer Engine {hardware.te_version} ({self.fp8_recipe} scaling, HYBRID) inside bf16 autocast"
+            return (f"fp8 via Transformer Engine {hardware.te_version} ({self.fp8_recipe} scaling, HYBRID) "
+                    "inside bf16 autocast")
         if p == "fp8":
             return (f"fp8 emulated ({self.fp8_recipe} scaling, HYBRID) inside bf16 autocast: FP8 numerics only, "
                     "its speed is not FP8 speed")
@@ -227,8 +228,9 @@ def resolve(precision: str, backend: str = "auto", device: str | torch.device = 
             raise PrecisionError(f"backend {backend} is for fp8 only ({precision} runs on torch's native autocast); "
                                  f"set {key} to native or auto in params.yaml")
         if precision == "bf16" and hardware.capability and hardware.capability < BF16_MIN_CAPABILITY:
-            raise PrecisionError(f"bf16 needs a CUDA GPU with compute capability >= 8.0; found: {_found(hardware, device)}. "
-                                 "Use precision fp16 or fp32, or train.common.device: cpu in params.yaml")
+            raise PrecisionError(f"bf16 needs a CUDA GPU with compute capability >= 8.0; found: "
+                                 f"{_found(hardware, device)}. Use precision fp16 or fp32, or "
+                                 "train.common.device: cpu in params.yaml")
         reason = "auto: native torch autocast" if backend == "auto" else "requested"
         return PrecisionPlan(precision, "native", device, dtype, None, backend, reason, hardware)
 
@@ -351,8 +353,9 @@ def verify_fp8(model: nn.Module, plan: PrecisionPlan) -> None:
     failed = [name for name, m in layers if not _ran_in_fp8(m, plan)]
     if failed:
         shown = ", ".join(failed[:5]) + (", ..." if len(failed) > 5 else "")
-        raise PrecisionError(f"fp8 check after step 1: {len(failed)} of {len(layers)} converted layers did not run "
-                             f"in FP8 ({shown}); run the forward pass under plan.autocast() and call every converted layer")
+        raise PrecisionError(f"fp8 check after step 1: {len(failed)} of {len(layers)} converted layers did not "
+                             f"run in FP8 ({shown}); run the forward pass under plan.autocast() and call every "
+                             "converted layer")
 
 
 def plain_state_dict(state_dict: dict) -> dict:
