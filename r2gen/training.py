@@ -288,7 +288,7 @@ def train(params: Params, precision: str, paths: TrainPaths) -> dict:
             t1 = time.perf_counter()
             dt, t0 = t1 - t0, t1
             state["step"] += 1
-            if not verified:  # the first step of this process really ran in FP8 where converted
+            if finite and not verified:  # the first full step of this process really ran in FP8
                 prec.verify_fp8(model, plan)
                 verified = True
             if state["step"] > common.warmup_steps:

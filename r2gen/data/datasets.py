@@ -268,7 +268,7 @@ def _image_problems(
     study: Study, images: Path, images_real: Path, on_image: ImageSink | None
 ) -> tuple[str, str] | None:
     for view, path in enumerate(study.image_paths):
-        checked = _open_image(path, images, images_real)
+        checked = open_image(path, images, images_real)
         if isinstance(checked, tuple):
             return checked
         # Outside the decode error handling: a failing sink is a bug, not a bad image.
@@ -277,8 +277,12 @@ def _image_problems(
     return None
 
 
-def _open_image(path: Path, images: Path, images_real: Path) -> Image.Image | tuple[str, str]:
-    """The fully decoded image, or (problem, fix) when it is missing, outside the root or broken."""
+def open_image(path: Path, images: Path, images_real: Path) -> Image.Image | tuple[str, str]:
+    """The fully decoded image, or (problem, fix) when it is missing, outside ``images`` or broken.
+
+    ``images_real`` is ``images`` with symlinks resolved; a path is never opened unless both it and
+    its resolved target lie inside.
+    """
     if not _inside(Path(os.path.abspath(path)), Path(os.path.abspath(images))):
         return f"image path leaves {images}: {path}", "make image_path relative to the images folder"
     real = Path(os.path.realpath(path))

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from r2gen.config import DataConfig
-from r2gen.data.datasets import IMAGES, SPLITS, Study, read_annotation, validate_dataset
+from r2gen.data.datasets import IMAGES, SPLITS, Study, open_image, read_annotation, validate_dataset
 from r2gen.errors import DataError
 from r2gen.io import atomic_dir, write_json
 
@@ -113,6 +113,21 @@ def resize(image: Image.Image, size: int, crop: bool) -> np.ndarray:
     else:
         gray = gray.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(gray)  # (size, size)
+
+
+def load_view(path: str | os.PathLike, size: int) -> np.ndarray:
+    """One view for inference (`r2gen generate`), checked and squashed like the test split.
+
+    Raises:
+        DataError: the file is missing, empty, not an image, truncated or absurdly large.
+    """
+    path = Path(path)
+    checked = open_image(path, path.parent, Path(os.path.realpath(path)).parent)
+    if isinstance(checked, tuple):
+        problem, fix = checked
+        raise DataError(f"{problem}; {fix}")
+    with checked:
+        return resize(checked, size, crop=False)  # (size, size) uint8
 
 
 def _allocate(path: Path, shape: tuple[int, ...]) -> np.memmap:
