@@ -2,7 +2,7 @@
 
 NLG: R2Gen's ``compute_scores`` scores ``{i: [text]}`` dicts with one reference per study, on the
 cleaned lowercase text as it is (no PTB tokenizer): BLEU-1..4 (corpus level, option 'closest'),
-METEOR 1.5, ROUGE-L; we add CIDEr-D's sibling CIDEr (pycocoevalcap's ``Cider``). METEOR runs the
+METEOR 1.5 and ROUGE-L; we add pycocoevalcap's CIDEr, which R2Gen does not report. METEOR runs the
 jar shipped with pycocoevalcap in a Java subprocess; without Java (or when it fails) METEOR is None
 with a one-line reason, never a crash and never a made-up number.
 
@@ -32,6 +32,11 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import pycocoevalcap.meteor.meteor
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.rouge.rouge import Rouge
+
 NLG_KEYS: tuple[str, ...] = ("BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr")
 
 # CheXpert's 14 observations, in CheXpert's order.
@@ -59,10 +64,6 @@ def compute_nlg(references: list[str], hypotheses: list[str], meteor: bool = Tru
     Raises:
         ValueError: the two lists differ in length or are empty.
     """
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.rouge.rouge import Rouge
-
     if len(references) != len(hypotheses):
         raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
     if not references:
@@ -91,12 +92,6 @@ class MeteorUnavailable(RuntimeError):
     """METEOR could not be computed here; the message says why in one line."""
 
 
-def _meteor_dir() -> Path:
-    import pycocoevalcap.meteor.meteor as wrapper
-
-    return Path(wrapper.__file__).resolve().parent
-
-
 def _meteor(references: list[str], hypotheses: list[str]) -> float:
     """Corpus METEOR 1.5 exactly as pycocoevalcap's ``Meteor`` asks the jar for it.
 
@@ -107,7 +102,7 @@ def _meteor(references: list[str], hypotheses: list[str]) -> float:
     java = shutil.which("java")
     if java is None:
         raise MeteorUnavailable("java not found on PATH; install a Java runtime (e.g. openjdk-17-jre-headless)")
-    folder = _meteor_dir()
+    folder = Path(pycocoevalcap.meteor.meteor.__file__).resolve().parent  # the jar and its data ship there
     jar = folder / "meteor-1.5.jar"
     if not jar.is_file() or not (folder / "data" / "paraphrase-en.gz").is_file():
         raise MeteorUnavailable(f"METEOR files missing in {folder}; reinstall pycocoevalcap")
@@ -199,7 +194,8 @@ _PHRASES: tuple[_Phrase, ...] = (
     # a normal cardiomediastinal silhouette says the heart is normal too; an enlarged one is not cardiomegaly
     _organ(r"cardiomediastinal (silhouette|contours?|structures|shadow)|cardiomediastinum",
            "Enlarged Cardiomediastinum", negative=("Enlarged Cardiomediastinum", "Cardiomegaly")),
-    _pathology(r"(widened|widening of the) mediastinum|mediastinal (widening|enlargement)", "Enlarged Cardiomediastinum"),
+    _pathology(r"(widened|widening of the) mediastinum|mediastinal (widening|enlargement)",
+               "Enlarged Cardiomediastinum"),
     _organ(r"mediastinal (contours?|silhouette|configuration|structures)|mediastinum", "Enlarged Cardiomediastinum"),
     _pathology(r"nodules?|nodular (density|densities|opacity|opacities)|masse?s?|granulomas?|granulomata|"
                r"(pulmonary|lung|cavitary|parenchymal) lesions?|tumou?r|neoplasm|carcinoma", "Lung Lesion"),
@@ -224,14 +220,13 @@ _PHRASES: tuple[_Phrase, ...] = (
 # Cues, as word-bounded regexes on normalised text. Uncertainty is matched first so that "cannot
 # exclude" and "not excluded" are not read as negations; pseudo-negations ("no change in") are
 # matched and ignored.
-_UNCERTAIN_BEFORE = (r"cannot (be )?(excluded?|ruled? out)|can not (be )?(excluded?|ruled? out)|cant (exclude|rule out)|"
-                     r"not (be )?(excluded|ruled out)|(may|might|could) (represent|reflect|be|indicate)|may|might|"
-                     r"possibl[ey]|probabl[ey]|likely|questionabl[ey]|question of|suspicious for|suspect(ed)?|"
-                     r"concerning for|concern for|suggestive of|suggest(s|ing)?|worrisome for|borderline|"
-                     r"equivocal|indeterminate|versus|vs|differential|rule out|r/o|top normal|upper limits? of normal|"
-                     r"(top|high) normal")
-_UNCERTAIN_AFTER = (r"(cannot|can not|cant) be (excluded|ruled out)|(is|are) not (excluded|ruled out)|not (excluded|ruled out)|"
-                    r"(is|are) (also )?(possible|suspected|questioned|likely|not excluded)|versus|vs")
+_UNCERTAIN_BEFORE = (r"(cannot|can not|cant) (be )?(excluded?|ruled? out)|not (be )?(excluded|ruled out)|"
+                     r"(may|might|could) (represent|reflect|be|indicate)|may|might|possibl[ey]|probabl[ey]|likely|"
+                     r"questionabl[ey]|question of|suspicious for|suspect(ed)?|concerning for|concern for|"
+                     r"suggestive of|suggest(s|ing)?|worrisome for|borderline|equivocal|indeterminate|versus|vs|"
+                     r"differential|rule out")
+_UNCERTAIN_AFTER = (r"(cannot|can not|cant) be (excluded|ruled out)|(is|are) not (excluded|ruled out)|"
+                    r"not (excluded|ruled out)|(is|are) (also )?(possible|suspected|questioned|likely)|versus|vs")
 _PSEUDO_NEGATION = r"no (significant |interval )?change|without (significant |interval )?change|not only|no increase"
 _NEGATION_BEFORE = (r"no evidence of|no signs? of|without evidence of|negative for|free of|clear of|absence of|"
                     r"resolution of|resolved|no|not|without|never|denies")
@@ -343,6 +338,7 @@ def _qualifier(before: str, after: str) -> int | None:
 
 
 def _label_clause(clause: str, labels: dict[str, list[int]]) -> None:
+    """Append the polarity of every mention in ``clause`` to ``labels[observation]``."""
     mentions = _mentions(clause)
     cues = _cues(clause)
     organ_results: list[int | None] = [None] * len(mentions)
@@ -385,8 +381,8 @@ def label_report(text: str) -> dict[str, int | None]:
     for label in CHEXPERT_LABELS:
         values = found.get(label)
         result[label] = None if not values else (1 if 1 in values else (-1 if -1 in values else 0))
-    finding = any(result[label] in (1, -1) for label in CHEXPERT_LABELS if label not in ("No Finding", "Support Devices"))
-    result["No Finding"] = None if finding else 1
+    observations = [label for label in CHEXPERT_LABELS if label not in ("No Finding", "Support Devices")]
+    result["No Finding"] = None if any(result[label] in (1, -1) for label in observations) else 1
     return result
 
 

@@ -27,7 +27,6 @@ finding shows the same patient.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -727,11 +726,3 @@ def _save(path: Path, image: np.ndarray) -> None:
     else:
         picture.save(path, format="JPEG", quality=90)
 
-
-def load_findings(root: str | Path) -> dict[str, dict]:
-    """Read ``findings.json`` of a generated sample: ``{study id: findings}``."""
-    path = Path(root) / "findings.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise R2GenError(f"{path} not found: it is written by `r2gen sample-data` next to annotation.json") from None
