@@ -660,7 +660,8 @@ def generate_sample(out_dir: str | Path, studies: int, seed: int, layout: str = 
     """Write a synthetic dataset in R2Gen's layout to ``out_dir`` (atomically replaced).
 
     Writes ``annotation.json`` (``{"train"|"val"|"test": [{"id", "report", "image_path", "split"}]}``,
-    MIMIC entries also carry ``study_id`` and ``subject_id``), the images under ``images/`` and
+    MIMIC entries also carry ``study_id`` and ``subject_id`` and write ``___`` where IU writes
+    ``XXXX``), the images under ``images/`` and
     ``findings.json`` (``{id: findings}``, the ground truth behind each report).
 
     Returns:
@@ -673,8 +674,8 @@ def generate_sample(out_dir: str | Path, studies: int, seed: int, layout: str = 
     out_dir = Path(out_dir)
     _check_args(out_dir, studies, seed, layout, image_size, split_fractions)
     rng = np.random.default_rng(seed)
+    order = rng.permutation(studies)  # drawn first: both layouts put study i in the same split
     ids = _study_ids(rng, studies, layout)
-    order = rng.permutation(studies)
     counts = _split_counts(studies, split_fractions)
     split_of = np.empty(studies, dtype=object)
     split_of[order[: counts[0]]] = "train"
@@ -697,6 +698,7 @@ def generate_sample(out_dir: str | Path, studies: int, seed: int, layout: str = 
                 subject = f"p{ident['subject_id']}"
                 paths = [f"{subject[:3]}/{subject}/s{ident['study_id']}/{ident['id']}.jpg"]
                 _save(tmp / "images" / paths[0], views[0])
+                report = report.replace("XXXX", "___")  # MIMIC-CXR's de-identification mark
             split = str(split_of[index])
             annotation[split].append({**ident, "report": report, "image_path": paths, "split": split})
             truth[ident["id"]] = findings
