@@ -5,7 +5,7 @@ spine, ribs, clavicles, diaphragm domes with sharp costophrenic angles, vessel m
 per-patient pose, size, inspiration and exposure and mild film noise. Findings are drawn on top and
 decide the report sentences, so a model has to look at the images to write the right report:
 
-- ``cardiomegaly``: heart wider than ~55% of the chest (normal: 38-46%).
+- ``cardiomegaly``: heart 58-66% of the chest width (normal: 38-46%).
 - ``effusion`` (side, small|moderate|large): fluid fills the lower hemithorax up to a meniscus that
   rises laterally; the costophrenic angle is blunted; posterior sulcus filled on the lateral view.
 - ``consolidation`` (side, upper|lower zone): a dense fluffy patch with one sharp fissure-like edge.
