@@ -7,6 +7,7 @@ run recorded (precision, backend, metrics, versions). The file alone rebuilds th
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import zipfile
@@ -65,8 +66,9 @@ def save_model(path: str | os.PathLike, *, model_config: ModelConfig, vocab_size
             "model_config": to_dict(model_config),
             "vocab_size": vocab_size,
             "tokenizer": tokenizer,
-            "data": data,  # dataset, views, image_size: what the images must look like
-            "info": info,  # precision plan, training summary, versions
+            # JSON round trip: plain types only, so the file loads with weights_only=True
+            "data": json.loads(json.dumps(data)),  # dataset, views, image_size: what the images must look like
+            "info": json.loads(json.dumps(info)),  # precision plan, training summary, versions
             "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
         },
         path,

@@ -160,7 +160,7 @@ class PrecisionPlan:
             "cpu_native_bf16": cpu["bf16"],
             "cpu_native_fp16": cpu["fp16"],
             "fp32_precision": fp32_precision_flags(),
-            "torch": torch.__version__,
+            "torch": str(torch.__version__),
             "cuda": torch.version.cuda,
             "transformer_engine": hardware.te_version,
             "speed_comparable": self._speed_comparable(cpu),

@@ -300,11 +300,11 @@ def train(params: Params, precision: str, paths: TrainPaths) -> dict:
             consecutive_nonfinite = 0 if stepped else consecutive_nonfinite + 1
             if consecutive_nonfinite >= common.max_nonfinite_steps:
                 raise R2GenError(
-                    f"{precision}: {consecutive_nonfinite} consecutive non-finite steps (last loss {float(loss):.4g}); "
+                    f"{precision}: {consecutive_nonfinite} consecutive non-finite steps (last loss {float(loss.detach()):.4g}); "
                     f"the last good checkpoint is kept in {paths.checkpoint_dir}. Lower the learning rate or use "
                     "a wider precision (bf16/fp32)"
                 )
-            value = float(loss)
+            value = float(loss.detach())
             if finite:
                 epoch_loss += value * images.shape[0]
                 epoch_n += images.shape[0]
@@ -368,6 +368,11 @@ def train(params: Params, precision: str, paths: TrainPaths) -> dict:
     )
     write_json(paths.metrics, summary)
     live.end()
+    # The run is complete: a later run with the same config trains afresh instead of "resuming"
+    # a finished run (e.g. `dvc repro --force`). The folder stays, as the stage's declared output.
+    write_json(paths.checkpoint_dir / "status.json", {"complete": True, "fingerprint": fingerprint,
+                                                      "epochs": state["epoch"], "steps": state["step"]})
+    ckpt_path.unlink(missing_ok=True)
     return summary
 
 
