@@ -44,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--on-invalid", choices=["error", "drop"], default="error")
     c.set_defaults(func=cmd_check_data)
 
+    m = sub.add_parser("check-metrics", help="gate: compare workspace metrics with a baseline revision")
+    m.add_argument("--base", default="HEAD", help="git revision holding the baseline metrics (default HEAD)")
+    m.add_argument("--gate", type=Path, default=Path("metrics_gate.yaml"), help="tolerances per metric")
+    m.set_defaults(func=cmd_check_metrics)
+
     s = sub.add_parser("sample-data", help="write a synthetic chest X-ray dataset in R2Gen's layout")
     s.add_argument("out", type=Path)
     s.add_argument("--studies", type=int, default=300)
@@ -133,6 +138,38 @@ def cmd_check_data(args: argparse.Namespace) -> int:
         print(f"dropped {split}/{sid}: {reason}")
     print(f"ok: {args.root} is a valid {args.dataset} dataset ({sum(result.counts.values())} studies)")
     return 0
+
+
+def cmd_check_metrics(args: argparse.Namespace) -> int:
+    import shutil
+    import subprocess
+
+    import yaml
+
+    from r2gen.gate import evaluate, load_rules
+
+    try:
+        raw = yaml.safe_load(args.gate.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise R2GenError(f"gate file not found: {args.gate}; run from the repository root or pass --gate") from None
+    precisions, rules = load_rules(raw, str(args.gate))
+    dvc = shutil.which("dvc")
+    if dvc is None:
+        raise R2GenError("dvc not found on PATH; activate the project's venv (source .venv/bin/activate)")
+    proc = subprocess.run([dvc, "metrics", "diff", args.base, "--all", "--json"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise R2GenError(f"`dvc metrics diff {args.base}` failed: {proc.stderr.strip().splitlines()[-1:]}")
+    try:
+        diff = json.loads(proc.stdout or "{}")
+    except json.JSONDecodeError:
+        raise R2GenError(f"`dvc metrics diff` printed no JSON: {proc.stdout[:200]!r}") from None
+    checks = evaluate(diff, precisions, rules)
+    for check in checks:
+        print(check.line())
+    failed = [c for c in checks if not c.ok]
+    print(f"{len(checks) - len(failed)}/{len(checks)} metrics within tolerance of {args.base}"
+          + (f"; {len(failed)} FAILED" if failed else ""))
+    return 1 if failed else 0
 
 
 def cmd_sample_data(args: argparse.Namespace) -> int:

@@ -1,0 +1,119 @@
+"""The metrics gate: compare workspace metrics with a committed baseline, per-metric tolerances.
+
+Input is the JSON of ``dvc metrics diff --all --json [REV]`` (``{file: {key: {old, new, diff}}}``)
+and the rules of ``metrics_gate.yaml``. A metric fails when it moved in its bad direction by more
+than its tolerance, and also when either side is missing: ``dvc metrics diff`` exits 0 when it
+cannot load a file, so a deleted or unreadable metric must not pass silently. Throughput is gated
+only as a ratio to fp32 measured in the same run, never as an absolute time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from r2gen.errors import ConfigError
+
+DIRECTIONS = ("higher", "lower")
+
+
+@dataclass(frozen=True)
+class Rule:
+    key: str
+    file: str  # may contain {precision}
+    better: str  # higher | lower
+    tolerance: dict[str, float]  # precision -> allowed move in the bad direction ("default" for others)
+    relative: bool = False  # tolerance as a fraction of the baseline value
+    ratio_to: str | None = None  # gate value_p / value_<ratio_to> (same run) instead of value_p
+
+    def allowed(self, precision: str) -> float:
+        return self.tolerance.get(precision, self.tolerance["default"])
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str  # e.g. "fp16 BLEU_4" or "fp8 samples_per_s/fp32"
+    ok: bool
+    old: float | None
+    new: float | None
+    limit: str  # human-readable tolerance
+    note: str = ""
+
+    def line(self) -> str:
+        status = "ok  " if self.ok else "FAIL"
+        return f"{status} {self.name}: {_fmt(self.old)} -> {_fmt(self.new)} ({self.limit}){' ' + self.note if self.note else ''}"
+
+
+def load_rules(raw: dict[str, Any], source: str = "metrics_gate.yaml") -> tuple[list[str], list[Rule]]:
+    """Parse the gate file into (precisions, rules); malformed entries raise ConfigError."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("precisions"), list) or not isinstance(raw.get("metrics"), list):
+        raise ConfigError(f"{source} must have a 'precisions' list and a 'metrics' list")
+    rules = []
+    for i, entry in enumerate(raw["metrics"]):
+        where = f"{source}: metrics[{i}]"
+        unknown = set(entry) - {"key", "file", "better", "tolerance", "relative", "ratio_to"}
+        if unknown:
+            raise ConfigError(f"{where} has unknown field(s) {sorted(unknown)}")
+        if entry.get("better") not in DIRECTIONS:
+            raise ConfigError(f"{where}: 'better' must be one of {DIRECTIONS}")
+        tol = entry.get("tolerance")
+        tol = {"default": tol} if isinstance(tol, (int, float)) else tol
+        if not isinstance(tol, dict) or "default" not in tol or not all(isinstance(v, (int, float)) and v >= 0 for v in tol.values()):
+            raise ConfigError(f"{where}: 'tolerance' must be a number >= 0 or a mapping with a 'default'")
+        rules.append(Rule(entry["key"], entry["file"], entry["better"], {k: float(v) for k, v in tol.items()},
+                          bool(entry.get("relative", False)), entry.get("ratio_to")))
+    return list(raw["precisions"]), rules
+
+
+def evaluate(diff: dict[str, dict], precisions: list[str], rules: list[Rule]) -> list[Check]:
+    """One Check per rule and precision (ratio rules skip the reference precision itself)."""
+    checks = []
+    for rule in rules:
+        for p in precisions:
+            if rule.ratio_to == p:
+                continue
+            name = f"{p} {rule.key}" + (f"/{rule.ratio_to}" if rule.ratio_to else "")
+            old, new, missing = _values(diff, rule, p)
+            if rule.ratio_to and not missing:
+                ref_old, ref_new, ref_missing = _values(diff, rule, rule.ratio_to)
+                missing = ref_missing
+                if not missing:
+                    old = old / ref_old if ref_old else None
+                    new = new / ref_new if ref_new else None
+                    missing = [] if old is not None and new is not None else [f"{rule.ratio_to} {rule.key} is 0"]
+            tol = rule.allowed(p)
+            limit = f"{'-' if rule.better == 'higher' else '+'}{tol:.0%}" if rule.relative else \
+                f"{'-' if rule.better == 'higher' else '+'}{tol:g}"
+            if missing:
+                checks.append(Check(name, False, old, new, limit, "missing: " + "; ".join(missing)))
+                continue
+            allowed = tol * abs(old) if rule.relative else tol
+            worse_by = (old - new) if rule.better == "higher" else (new - old)
+            ok = worse_by <= allowed + 1e-12
+            checks.append(Check(name, ok, old, new, limit, "" if ok else f"worse by {worse_by:.4g}"))
+    return checks
+
+
+def _values(diff: dict[str, dict], rule: Rule, precision: str) -> tuple[Any, Any, list[str]]:
+    path = rule.file.format(precision=precision)
+    entry = diff.get(path, {}).get(rule.key)
+    if entry is None:
+        return None, None, [f"{path}:{rule.key} in neither the baseline nor the workspace"]
+    old, new = entry.get("old"), entry.get("new")
+    missing = []
+    if not _number(old):
+        missing.append(f"no baseline value in {path}")
+    if not _number(new):
+        missing.append(f"no workspace value in {path} (file missing or unreadable?)")
+    return old, new, missing
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _fmt(x: Any) -> str:
+    if not _number(x):
+        return "missing"
+    return f"{x:.4g}"
