@@ -36,5 +36,10 @@ test: data
 test-fast: data
 	$(ACTIVATE) && python -m pytest -q -m "not pipeline and not slow" $(PYTEST_ARGS)
 
+# The CI gate: workspace metrics (after `make repro`) against the committed baseline (BASE=HEAD).
+BASE ?= HEAD
+check-metrics: setup
+	$(ACTIVATE) && r2gen check-metrics --base $(BASE)
+
 clean:
 	rm -rf prepared artifacts models checkpoints predictions dvclive metrics reports/figures .pytest_cache

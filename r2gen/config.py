@@ -73,6 +73,7 @@ class ModelConfig:
     num_layers: int = 3
     dropout: float = 0.1
     drop_prob_lm: float = 0.5  # dropout after the visual projection (att_embed)
+    use_bn: int = 0  # R2Gen's use_bn: 1 = BatchNorm over visual features before att_embed, 2 = also after
     rm_num_slots: int = 3
     rm_num_heads: int = 8
     rm_d_model: int = 512
@@ -82,6 +83,8 @@ class ModelConfig:
         for name in ("visual_width", "d_model", "d_ff", "num_heads", "num_layers", "rm_num_slots",
                      "rm_num_heads", "rm_d_model"):
             _positive(f"model.{name}", getattr(self, name))
+        if self.use_bn not in (0, 1, 2):
+            raise ConfigError(f"model.use_bn must be 0, 1 or 2 (R2Gen's option), got {self.use_bn}")
         if self.d_model % self.num_heads:
             raise ConfigError(f"model.d_model ({self.d_model}) must be divisible by model.num_heads ({self.num_heads})")
         if self.rm_d_model % self.rm_num_heads:

@@ -28,6 +28,13 @@ class R2GenOutput:
     loss: torch.Tensor | None  # masked token-mean NLL (R2Gen's LanguageModelCriterion)
 
 
+class TokenBatchNorm(nn.BatchNorm1d):
+    """BatchNorm1d over the channels of token features (B, S, C)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.flatten(0, 1)).view_as(x)
+
+
 class DecoderLayer(nn.Module):
     """Self-attention, source attention and feed-forward, each behind an MCLN."""
 
@@ -105,8 +112,13 @@ class R2Gen(nn.Module):
         super().__init__()
         self.cfg, self.vocab_size = cfg, vocab_size
         self.visual = VisualExtractor(cfg.visual_extractor, cfg.visual_width)
+        # R2Gen's att_embed: [BN] Linear ReLU Dropout [BN]. The public code's BatchNorm1d options
+        # (use_bn) crash on its (B, tokens, C) input; TokenBatchNorm normalises each channel over
+        # all tokens of the batch, which is what they were meant to do.
         self.att_embed = nn.Sequential(
-            nn.Linear(self.visual.out_channels, cfg.d_model), nn.ReLU(), nn.Dropout(cfg.drop_prob_lm)
+            *([TokenBatchNorm(self.visual.out_channels)] if cfg.use_bn else []),
+            nn.Linear(self.visual.out_channels, cfg.d_model), nn.ReLU(), nn.Dropout(cfg.drop_prob_lm),
+            *([TokenBatchNorm(cfg.d_model)] if cfg.use_bn == 2 else []),
         )
         self.encoder = Encoder(cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.d_ff, cfg.dropout)
         self.embed = TokenEmbedding(vocab_size, cfg.d_model)
