@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -28,8 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("images", nargs="*", type=Path, help="the views of ONE study (IU X-Ray: frontal lateral)")
     g.add_argument("--study", action="append", type=Path, default=[],
                    help="a folder holding one study's views (0.png, 1.png, ...); repeatable")
-    g.add_argument("--num-beams", type=int, default=3)
-    g.add_argument("--max-new-tokens", type=int, default=60)
+    g.add_argument("--num-beams", type=_positive_int, default=3, help="beam size; 1 is greedy decoding")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=60)
+    g.add_argument("--batch-size", type=_positive_int, default=8,
+                   help="studies decoded at a time (bounds memory with many --study folders)")
     g.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     g.add_argument("--format", choices=["text", "jsonl"], default="text")
     g.set_defaults(func=cmd_generate)
@@ -65,51 +69,99 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`r2gen info m.pt | head`): stop quietly like other Unix tools, and
+        # point stdout at /dev/null so that the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # what a shell reports for a process ended by SIGPIPE
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    import numpy as np
     import torch
 
-    from r2gen import precision as prec
     from r2gen.checkpoint import build_model, load_model_file
     from r2gen.data.images import load_view
     from r2gen.tokenizer import Tokenizer
 
-    studies = [("images", list(args.images))] if args.images else []
-    for folder in args.study:
-        if not folder.is_dir():
-            raise R2GenError(f"study folder not found: {folder}; pass a folder holding the study's images")
-        views = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        studies.append((folder.name, views))
+    studies = [_images_study(args.images)] if args.images else []
+    studies += [_folder_study(folder) for folder in args.study]
     if not studies:
         raise R2GenError("no images given; pass the views of a study (IMAGE [IMAGE]) or --study DIR")
 
     ckpt = load_model_file(args.checkpoint)
     tokenizer = Tokenizer.load_dict(ckpt["tokenizer"], source=str(args.checkpoint))
     views, size = ckpt["data"]["views"], ckpt["data"]["image_size"]
-    batch = []
-    for name, paths in studies:
+    for name, paths in studies:  # all counts checked before any image is decoded
         if len(paths) != views:
             raise R2GenError(
                 f"study {name}: {len(paths)} image(s) given but this model ({ckpt['data']['dataset']}) reads "
                 f"{views} view(s) per study{' (frontal, then lateral)' if views == 2 else ''}"
             )
-        batch.append(torch.stack([torch.from_numpy(load_view(p, size)) for p in paths]))
-    device = prec.select_device(args.device)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise R2GenError("--device cuda was given but no CUDA device is usable here; use --device cpu")
+    device = torch.device(args.device)
     model = build_model(ckpt, args.checkpoint).to(device)
-    ids = model.generate(torch.stack(batch).to(device), num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
-    for (name, paths), report in zip(studies, tokenizer.batch_decode(ids.cpu())):
-        if args.format == "jsonl":
-            print(json.dumps({"study": name, "images": [str(p) for p in paths], "report": report}))
-        else:
-            print(f"{name}: {report}")
+    positions = model.embed.pe.shape[0]  # the decoder's positional table bounds the report length
+    if args.max_new_tokens > positions:
+        raise R2GenError(f"--max-new-tokens {args.max_new_tokens} is over this model's limit of {positions} tokens")
+
+    for start in range(0, len(studies), args.batch_size):
+        chunk = studies[start : start + args.batch_size]
+        # load_view returns read-only arrays; np.stack copies them into one writable block.
+        images = torch.from_numpy(np.stack([[load_view(p, size) for p in paths] for _, paths in chunk]))  # (B, V, S, S)
+        ids = model.generate(images.to(device), num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
+        for (name, paths), report in zip(chunk, tokenizer.batch_decode(ids.cpu())):
+            if args.format == "jsonl":
+                print(json.dumps({"study": name, "images": [str(p) for p in paths], "report": report}), flush=True)
+            else:
+                print(f"{name}: {report}", flush=True)
     return 0
 
 
+def _images_study(paths: list[Path]) -> tuple[str, list[Path]]:
+    """The views given on the command line, named after the folder of the first one."""
+    for path in paths:
+        if path.is_dir():
+            raise R2GenError(f"{path} is a folder; pass it as --study {path}, or pass its image files")
+    return os.path.basename(os.path.dirname(os.path.abspath(paths[0]))) or "images", paths
+
+
+def _folder_study(folder: Path) -> tuple[str, list[Path]]:
+    """The views in a study folder, in name order (IU X-Ray: 0.png frontal, 1.png lateral)."""
+    if not folder.is_dir():
+        raise R2GenError(f"study folder not found: {folder}; pass a folder holding the study's images")
+    try:
+        views = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    except OSError as exc:
+        raise R2GenError(f"cannot list study folder {folder}: {exc.strerror}; check its permissions") from None
+    if not views:
+        raise R2GenError(f"study folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    # Like a dataset's images folder, a study folder is not a way to read files elsewhere.
+    inside = Path(os.path.realpath(folder))
+    for view in views:
+        real = Path(os.path.realpath(view))
+        if not real.is_relative_to(inside):
+            raise R2GenError(f"image {view} is a symlink to {real}, outside {folder}; copy the file into the folder")
+    return folder.name, views
+
+
 def cmd_info(args: argparse.Namespace) -> int:
-    from r2gen.checkpoint import load_model_file
+    from r2gen.checkpoint import build_model, load_model_file
 
     ckpt = load_model_file(args.checkpoint)
+    # Built, not summed over the state dict: that also holds buffers (BatchNorm statistics).
+    parameters = sum(p.numel() for p in build_model(ckpt, args.checkpoint).parameters())
     train = ckpt["info"].get("train", {})
     out = {
         "file": str(args.checkpoint),
@@ -120,11 +172,22 @@ def cmd_info(args: argparse.Namespace) -> int:
         "data": ckpt["data"],
         "vocab_size": ckpt["vocab_size"],
         "model_config": ckpt["model_config"],
-        "parameters": sum(v.numel() for v in ckpt["state_dict"].values() if v.is_floating_point()),
+        "parameters": parameters,
         "training": train,
     }
-    print(json.dumps(out, indent=2))
+    print(json.dumps(_finite(out), indent=2, allow_nan=False))
     return 0
+
+
+def _finite(obj):
+    """``obj`` with NaN/Inf floats as null: the output stays valid JSON for jq and friends."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def cmd_check_data(args: argparse.Namespace) -> int:
@@ -133,7 +196,7 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 
     result = validate_dataset(DataConfig(dataset=args.dataset, root=str(args.root), on_invalid=args.on_invalid))
     for split, n in result.counts.items():
-        print(f"{split}: {n} studies")
+        print(f"{split}: {n} {'study' if n == 1 else 'studies'}")
     for split, sid, reason in result.dropped:
         print(f"dropped {split}/{sid}: {reason}")
     print(f"ok: {args.root} is a valid {args.dataset} dataset ({sum(result.counts.values())} studies)")
