@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from PIL import Image
 
 from r2gen.config import DataConfig
 from r2gen.data import images as images_module
-from r2gen.data.datasets import SPLITS, read_annotation, validate_dataset
+from r2gen.data.datasets import SPLITS, open_image, read_annotation, validate_dataset
 from r2gen.data.images import load_prepared, prepare_dataset
 from r2gen.errors import DataError
 
@@ -148,6 +149,30 @@ def _top_level_list(root, ann):
     return root / "annotation.json", "must be a JSON object"
 
 
+def _number_over_the_digit_limit(root, ann):
+    ann["train"][0]["id"] = "ID"
+    (root / "annotation.json").write_text(json.dumps(ann).replace('"ID"', "1" * 5000))
+    return root / "annotation.json", "cannot be read: Exceeds the limit"
+
+
+def _deeply_nested_json(root, ann):
+    (root / "annotation.json").write_text("[" * 100_000 + "]" * 100_000)
+    return root / "annotation.json", "nested too deeply"
+
+
+def _file_name_too_long(root, ann):
+    ann["train"][0]["image_path"][0] = "x" * 300 + ".png"
+    write_annotation(root, ann)
+    return root / "annotation.json", "impossible image_path 'x{80}' \\(a NUL byte or a name over 255 bytes\\)"
+
+
+def _path_too_long(root, ann):
+    # Every name fits, the whole path does not: the system refuses it (ENAMETOOLONG).
+    ann["train"][0]["image_path"][0] = "/".join(["x" * 250] * 20) + ".png"
+    write_annotation(root, ann)
+    return root / "images" / ann["train"][0]["image_path"][0], "cannot check image .*: File name too long"
+
+
 def _missing_split(root, ann):
     del ann["val"]
     write_annotation(root, ann)
@@ -190,6 +215,12 @@ def _random_bytes(root, ann):
     path = image_file(root, ann)
     path.write_bytes(np.random.default_rng(0).bytes(300))
     return path, "cannot decode image .*not a known image format"
+
+
+def _other_image_format(root, ann):
+    path = image_file(root, ann)  # a GIF named .png: PIL reads it, R2Gen's data never holds one
+    Image.new("L", (32, 32), 128).save(path, format="GIF")
+    return path, r"not a known image format \(only PNG and JPEG are read\)"
 
 
 def _huge_header(root, ann):
@@ -256,10 +287,11 @@ def _symlink_outside(root, ann):
 
 
 BAD_INPUTS = [
-    _missing_annotation, _invalid_json, _non_utf8_annotation, _top_level_list, _missing_split, _empty_split,
-    _null_report, _missing_image, _corrupt_png, _truncated_png, _random_bytes, _huge_header, _large_header,
-    _empty_file, _zero_width_header, _wrong_number_of_views, _empty_report, _control_characters,
-    _duplicate_ids, _path_traversal, _symlink_outside,
+    _missing_annotation, _invalid_json, _non_utf8_annotation, _top_level_list, _number_over_the_digit_limit,
+    _deeply_nested_json, _file_name_too_long, _missing_split, _empty_split, _null_report, _missing_image,
+    _corrupt_png, _truncated_png, _random_bytes, _other_image_format, _huge_header, _large_header, _empty_file,
+    _zero_width_header, _wrong_number_of_views, _empty_report, _control_characters, _duplicate_ids,
+    _path_traversal, _symlink_outside, _path_too_long,
 ]
 # Problems of one study (as opposed to the whole file): the message names the study and how to skip it.
 STUDY_LEVEL = set(BAD_INPUTS[BAD_INPUTS.index(_missing_image):])
@@ -276,6 +308,33 @@ def test_bad_input_raises_one_line_error_naming_the_file(tmp_path, breakage):
     assert str(path) in text and "\n" not in text
     if breakage in STUDY_LEVEL:
         assert ann["train"][0]["id"] in text and "set data.on_invalid: drop" in text
+
+
+def test_nul_byte_in_image_path_is_refused_even_in_drop_mode_and_shown_escaped(tmp_path):
+    ann = make_iu(tmp_path)
+    ann["train"][0]["image_path"][0] = "CXR0/0\x00.png"
+    write_annotation(tmp_path, ann)
+    with pytest.raises(DataError, match=r"entry 0 of split 'train' .* impossible image_path 'CXR0/0\\x00\.png'") as e:
+        validate_dataset(cfg(tmp_path, on_invalid="drop"))
+    assert "\x00" not in str(e.value) and str(tmp_path / "annotation.json") in str(e.value)
+
+
+def test_open_image_reports_nul_byte_in_path_as_a_problem(tmp_path):
+    # Not reachable from annotation.json (refused above) nor argv (cannot hold NUL); open_image is public.
+    path = tmp_path / "0\x00.png"
+    problem, fix = open_image(path, tmp_path, tmp_path)
+    assert problem == f"image path {str(path)!r} is not a valid file name (embedded null byte)"
+    assert "\x00" not in problem and fix == "fix the file name"
+
+
+def test_header_over_pils_pixel_warning_is_refused_by_the_side_limit_without_a_warning(tmp_path):
+    # 9500x9500 is over PIL's DecompressionBombWarning threshold (89M pixels), under its error (179M).
+    ann = make_iu(tmp_path)
+    image_file(tmp_path, ann).write_bytes(png_header(9500, 9500))
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(DataError, match="over the 8192 px limit"):
+        warnings.simplefilter("always")
+        validate_dataset(cfg(tmp_path))
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
 
 
 def test_files_outside_the_image_folder_are_never_opened(tmp_path, monkeypatch):

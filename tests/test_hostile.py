@@ -273,8 +273,6 @@ def _set_image_path(value: str):
     return edit
 
 
-@pytest.mark.xfail(strict=True, reason="bug in r2gen/data/datasets.py: open_image and _load_json let "
-                   "ValueError/OSError/RecursionError escape instead of a DataError")
 @pytest.mark.parametrize("edit", [
     _set_image_path("CXR1/0\x00.png"),  # ValueError: embedded null byte, from os.path.realpath
     _set_image_path("x" * 300 + ".png"),  # OSError ENAMETOOLONG, from Path.exists
@@ -444,8 +442,6 @@ def test_generate_refuses_study_folder_links_to_files_elsewhere(capsys, tmp_path
     assert str(study / "0.png") not in opened and target not in opened
 
 
-@pytest.mark.xfail(strict=True, reason="bug in r2gen/data/datasets.py open_image: Image.open accepts every "
-                   "format PIL knows, and PIL renders EPS with Ghostscript; restrict to formats=('PNG', 'JPEG')")
 def test_eps_file_named_png_never_reaches_ghostscript(tmp_path, monkeypatch):
     started = []
     monkeypatch.setattr(EpsImagePlugin, "gs_binary", "gs")  # as on a machine with Ghostscript installed
@@ -513,8 +509,6 @@ def test_model_file_that_would_run_code_is_refused_and_runs_nothing(capsys, tmp_
     assert not marker.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="r2gen/checkpoint.py load_torch shows the first line of PyTorch's message, "
-                   "a generic 'In PyTorch 2.6 ...' blurb cut mid-word; the line naming the blocked call is lost")
 def test_refusal_of_a_code_running_model_file_names_the_blocked_call(tmp_path):
     hostile = tmp_path / "model.pt"
     torch.save({"format": FORMAT, "extra": _Payload(tmp_path / "pwned")}, hostile)
@@ -522,9 +516,6 @@ def test_refusal_of_a_code_running_model_file_names_the_blocked_call(tmp_path):
         load_model_file(hostile)
 
 
-@pytest.mark.xfail(strict=True, reason="bug in r2gen/checkpoint.py load_torch: torch.load on a corrupt pickle "
-                   "raises UnicodeDecodeError, struct.error, IndexError, TypeError, KeyError, ...; only "
-                   "UnpicklingError/RuntimeError/EOFError/BadZipFile/OSError become a CheckpointError")
 def test_model_file_with_mutated_pickle_loads_or_raises_one_line_error(tmp_path, model_file):
     archive = zipfile.ZipFile(io.BytesIO(model_file.read_bytes()))
     names = archive.namelist()
@@ -566,26 +557,17 @@ def _text_file(model_file: Path, tmp: Path) -> Path:
     return _write(tmp / "model.pt", b"hello\n")
 
 
-_CHECKPOINT_BUG = pytest.mark.xfail(strict=True, reason="bug in r2gen/checkpoint.py: load_model_file checks only "
-                                    "the format tag and the weights' finiteness, not the keys and types it returns")
-
-
 @pytest.mark.parametrize("make", [
-    pytest.param(_edited(lambda c: c.pop("state_dict")), id="no_state_dict", marks=_CHECKPOINT_BUG),
-    pytest.param(_edited(lambda c: c.__setitem__("state_dict", "weights")), id="state_dict_not_a_dict",
-                 marks=_CHECKPOINT_BUG),
-    pytest.param(_edited(lambda c: c.pop("tokenizer")), id="no_tokenizer", marks=_CHECKPOINT_BUG),
-    pytest.param(_edited(lambda c: c.__setitem__("vocab_size", c["vocab_size"] + 7)), id="vocab_size_of_other_weights",
-                 marks=pytest.mark.xfail(strict=True, reason="bug in r2gen/checkpoint.py build_model: a weight shape "
-                                         "mismatch raises RuntimeError from load_state_dict")),
-    pytest.param(_edited(_drop_tokens), id="tokenizer_smaller_than_the_model", marks=_CHECKPOINT_BUG),
-    pytest.param(_edited(lambda c: c["data"].pop("image_size")), id="no_image_size", marks=_CHECKPOINT_BUG),
-    pytest.param(_edited(lambda c: c["data"].__setitem__("image_size", 100_000)), id="image_size_100000px",
-                 marks=_CHECKPOINT_BUG),
+    pytest.param(_edited(lambda c: c.pop("state_dict")), id="no_state_dict"),
+    pytest.param(_edited(lambda c: c.__setitem__("state_dict", "weights")), id="state_dict_not_a_dict"),
+    pytest.param(_edited(lambda c: c.pop("tokenizer")), id="no_tokenizer"),
+    pytest.param(_edited(lambda c: c.__setitem__("vocab_size", c["vocab_size"] + 7)), id="vocab_size_of_other_weights"),
+    pytest.param(_edited(_drop_tokens), id="tokenizer_smaller_than_the_model"),
+    pytest.param(_edited(lambda c: c["data"].pop("image_size")), id="no_image_size"),
+    pytest.param(_edited(lambda c: c["data"].__setitem__("image_size", 100_000)), id="image_size_100000px"),
     pytest.param(_edited(lambda c: c["model_config"].__setitem__("d_model", "big")), id="config_value_of_wrong_type"),
     pytest.param(_edited(lambda c: c.__setitem__("format", "r2gen-precision/model/0")), id="another_version"),
-    pytest.param(_text_file, id="text_file", marks=pytest.mark.xfail(
-        strict=True, reason="bug in r2gen/checkpoint.py load_torch: torch.load of b'hello' raises KeyError")),
+    pytest.param(_text_file, id="text_file"),
 ])
 def test_model_file_with_invalid_content_is_a_one_line_error(capsys, tmp_path, model_file, tiny_data, make,
                                                              monkeypatch):

@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +40,7 @@ IMAGES = "images"
 # Real chest X-rays are at most ~4300 px a side; a bigger header is corrupt or hostile, and decoding
 # it would take gigabytes. Checked on the header, before any pixel is decoded.
 MAX_IMAGE_SIDE = 8192
+_NAME_MAX = 255  # bytes in one file name, on every common file system
 _CHUNK = 1024  # studies submitted to the thread pool at a time, to bound pending futures
 _VIEW_NAMES = {"iu_xray": "frontal and lateral", "mimic_cxr": "one image per entry"}
 _DROP = "set data.on_invalid: drop to skip invalid studies"
@@ -127,6 +130,11 @@ def _load_json(path: Path) -> object:
         raise DataError(
             f"{path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}; fix or restore the file"
         ) from None
+    except ValueError as exc:  # a number over Python's digit limit for int()
+        reason = str(exc).split(":")[0]
+        raise DataError(f"{path} cannot be read: {reason}; fix or restore the file") from None
+    except RecursionError:
+        raise DataError(f"{path} cannot be read: its JSON is nested too deeply; fix or restore the file") from None
 
 
 def _study(entry: object, split: str, index: int, images: Path, path: Path) -> Study:
@@ -145,6 +153,13 @@ def _study(entry: object, split: str, index: int, images: Path, path: Path) -> S
             f"{where} (study {study_id}) needs 'image_path' as a list of relative paths, got {image_path!r}; "
             "fix the entry"
         )
+    # Like a non-string, a path that no file system can hold is a broken entry, not a missing file.
+    for p in image_path:
+        if "\x00" in p or any(len(part.encode("utf-8", "surrogatepass")) > _NAME_MAX for part in p.split("/")):
+            raise DataError(
+                f"{where} (study {study_id}) has an impossible image_path {p[:80]!r} (a NUL byte or a name over "
+                f"{_NAME_MAX} bytes); fix the entry"
+            )
     return Study(str(study_id), report, tuple(images / p for p in image_path), split, index)
 
 
@@ -277,26 +292,41 @@ def _image_problems(
     return None
 
 
+_warnings_lock = threading.Lock()  # see open_image
+
+
 def open_image(path: Path, images: Path, images_real: Path) -> Image.Image | tuple[str, str]:
     """The fully decoded image, or (problem, fix) when it is missing, outside ``images`` or broken.
 
     ``images_real`` is ``images`` with symlinks resolved; a path is never opened unless both it and
-    its resolved target lie inside.
+    its resolved target lie inside. Only PNG and JPEG are decoded, R2Gen's two formats: PIL would
+    hand some others to external programs (EPS to Ghostscript).
     """
     if not _inside(Path(os.path.abspath(path)), Path(os.path.abspath(images))):
         return f"image path leaves {images}: {path}", "make image_path relative to the images folder"
-    real = Path(os.path.realpath(path))
-    if not _inside(real, images_real):
-        return f"image {path} is a symlink to {real}, outside {images}", "copy the file into the images folder"
-    if not real.exists():
-        return f"image not found: {path}", "restore the file"
-    if not real.is_file():
-        return f"image {path} is not a file", "replace it with the image file"
-    if real.stat().st_size == 0:
-        return f"image {path} is an empty file (0 bytes)", "restore the file"
+    try:
+        real = Path(os.path.realpath(path))
+        if not _inside(real, images_real):
+            return f"image {path} is a symlink to {real}, outside {images}", "copy the file into the images folder"
+        if not real.exists():
+            return f"image not found: {path}", "restore the file"
+        if not real.is_file():
+            return f"image {path} is not a file", "replace it with the image file"
+        if real.stat().st_size == 0:
+            return f"image {path} is an empty file (0 bytes)", "restore the file"
+    except ValueError as exc:  # a NUL byte in the path
+        return f"image path {str(path)!r} is not a valid file name ({exc})", "fix the file name"
+    except OSError as exc:  # e.g. a file name over the system's limit
+        return f"cannot check image {path}: {exc.strerror or exc}", "fix the file name"
     fix = "re-export or restore the file"
     try:
-        with Image.open(real) as image:
+        with _warnings_lock, warnings.catch_warnings():
+            # PIL warns about headers over ~89M pixels; the side limit below refuses them with a
+            # clear message instead. The lock: catch_warnings swaps process-wide state, and this
+            # runs in a thread pool (only the header is read here, the decoding runs unlocked).
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(real, formats=("PNG", "JPEG"))
+        with image:
             width, height = image.size
             if width == 0 or height == 0:
                 return f"image {path} has zero size ({width}x{height} px)", fix
@@ -307,7 +337,10 @@ def open_image(path: Path, images: Path, images_real: Path) -> Image.Image | tup
     except Image.DecompressionBombError:
         return f"image {path} claims an absurd size (over {Image.MAX_IMAGE_PIXELS * 2} pixels)", fix
     except UnidentifiedImageError:
-        return f"cannot decode image {path}: not a known image format, or a broken header", fix
+        return (
+            f"cannot decode image {path}: not a known image format (only PNG and JPEG are read) or a broken header",
+            "re-export it as PNG or JPEG, or restore the file",
+        )
     except Exception as exc:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, zlib errors, ...
         return f"cannot decode image {path}: {exc}", fix
 
