@@ -1,0 +1,173 @@
+"""One timed run of our R2Gen: training steps or beam-search generation, as the pipeline runs them.
+
+Training reads the prepared uint8 cache through ``r2gen.training.StudyBatches`` and takes the same
+step as ``r2gen.training.train``: forward under the precision plan's autocast, scaled backward,
+``unscale_``, element-wise gradient value clipping, Adam(amsgrad) with R2Gen's two learning rates.
+A step's time includes assembling its batch. Generation is ``R2Gen.generate``'s search (incremental
+decoding, beam 3) over test studies.
+
+Everything imports the r2gen on ``sys.path``, so the same code times another checkout of this
+project (``--impl LABEL=PATH``): before/after figures of a change come from one run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import torch
+
+from benchmarks.measure import (LoadMonitor, Profile, count_flops, peak_memory, reset_peak_memory, set_threads,
+                                synchronize)
+from r2gen import precision as prec
+from r2gen.config import Params
+from r2gen.data.images import load_prepared
+from r2gen.decoding import IncrementalStepper, beam_search
+from r2gen.model.r2gen import R2Gen
+from r2gen.tokenizer import Tokenizer
+from r2gen.training import StudyBatches, build_optimizer, seed_everything
+
+
+def params_for(profile: Profile, threads: int, seed: int) -> Params:
+    """The paper's optimiser settings around the profile's model."""
+    return Params.from_dict({
+        "seed": seed, "threads": threads,
+        "data": {"image_size": profile.image_size},
+        "tokenizer": {"max_seq_length": profile.max_len},
+        "model": profile.model,
+        "train": {"common": {"lr_ve": 5e-5, "lr_ed": 1e-4, "weight_decay": 5e-5, "amsgrad": True,
+                             "grad_clip_value": 0.1}},
+    }, source="benchmark profile")
+
+
+class Setup:
+    """Model, data and precision plan of one run."""
+
+    def __init__(self, spec: dict):
+        self.profile = Profile(**spec["profile"])
+        set_threads(spec["threads"])
+        self.device = prec.select_device(spec["device"])
+        self.plan = prec.resolve(spec["precision"], "auto", self.device)
+        prec.set_fp32_numerics(self.device)
+        self.params = params_for(self.profile, spec["threads"], spec["seed"])
+        self.tokenizer = Tokenizer.load(spec["data"]["tokenizer"])
+        self.prepared = spec["data"]["prepared"]
+        seed_everything(spec["seed"])
+        self.model = R2Gen(self.params.model, self.tokenizer.vocab_size).to(self.device)
+        prec.convert_model(self.model, self.plan)
+
+    def train_batches(self, seed: int):
+        """Full training batches, endlessly (a new shuffled epoch when one ends)."""
+        split = load_prepared(self.prepared, "train")
+        batches = StudyBatches(split, self.tokenizer, self.profile.batch_size, self.profile.image_size,
+                               train=True, generator=torch.Generator().manual_seed(seed))
+        for _ in itertools.count():
+            for images, labels in batches:
+                if len(images) == self.profile.batch_size:
+                    yield images, labels
+
+    def test_images(self) -> torch.Tensor:
+        """uint8 test studies (N, V, S, S), enough for the timed batches."""
+        split = load_prepared(self.prepared, "test")
+        n = self.profile.batch_size * self.profile.gen_batches
+        if len(split.ids) < n:
+            raise ValueError(f"{self.prepared}: {len(split.ids)} test studies, the profile needs {n}")
+        return torch.from_numpy(split.images[:n].copy())
+
+    def generate(self, images: torch.Tensor, early_exit: bool) -> torch.Tensor:
+        """``R2Gen.generate``'s search, with R2Gen's fixed-length loop when ``early_exit`` is off."""
+        p = self.profile
+        images = images.to(self.device)
+        with torch.no_grad(), self.plan.autocast():
+            stepper = IncrementalStepper(self.model, self.model.encode(images), p.max_len)
+            return beam_search(stepper, len(images), p.num_beams, p.max_len, early_exit=early_exit)
+
+
+def train_step(setup: Setup, optimizer, scaler, images, labels) -> float:
+    """r2gen.training.train's step."""
+    images, labels = images.to(setup.device), labels.to(setup.device)
+    with setup.plan.autocast():
+        loss = setup.model(images, labels).loss
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_value_(setup.model.parameters(), setup.params.train.common.grad_clip_value)
+    scaler.step(optimizer)
+    scaler.update()
+    return float(loss.detach())
+
+
+def train_run(spec: dict) -> dict:
+    """Warm-up steps, then ``train_steps`` timed steps: samples/s, peak memory, machine load."""
+    setup = Setup(spec)
+    p = setup.profile
+    optimizer, _ = build_optimizer(setup.model, setup.params)
+    scaler = setup.plan.grad_scaler()
+    setup.model.train()
+    batches = setup.train_batches(spec["seed"])
+    reset_peak_memory(setup.device)
+    losses, seconds = [], []
+    for _ in range(p.warmup_steps):
+        losses.append(train_step(setup, optimizer, scaler, *next(batches)))
+    with LoadMonitor() as load:
+        for _ in range(p.train_steps):
+            start = time.perf_counter()
+            losses.append(train_step(setup, optimizer, scaler, *next(batches)))
+            synchronize(setup.device)
+            seconds.append(time.perf_counter() - start)
+    peak, kind = peak_memory(setup.device)
+    return {
+        "samples_per_s": p.batch_size * p.train_steps / sum(seconds),
+        "step_seconds": seconds,
+        "losses": losses,
+        "peak_memory_bytes": peak,
+        "peak_memory_kind": kind,
+        "parameters": sum(t.numel() for t in setup.model.parameters()),
+        "backend": setup.plan.backend,
+        **load.record,
+    }
+
+
+def generate_run(spec: dict) -> dict:
+    """A one-study warm-up, then ``gen_batches`` timed batches: reports/s and mean report length."""
+    setup = Setup(spec)
+    setup.model.eval()
+    images = setup.test_images()
+    p = setup.profile
+    setup.generate(images[:1], spec["early_exit"])
+    reset_peak_memory(setup.device)
+    seconds, lengths = [], []
+    with LoadMonitor() as load:
+        for batch in images.split(p.batch_size):
+            synchronize(setup.device)
+            start = time.perf_counter()
+            out = setup.generate(batch, spec["early_exit"])
+            synchronize(setup.device)
+            seconds.append(time.perf_counter() - start)
+            lengths += (out > 0).sum(1).add(1).clamp(max=out.shape[1]).tolist()  # words + EOS
+    peak, kind = peak_memory(setup.device)
+    return {
+        "reports_per_s": len(images) / sum(seconds),
+        "batch_seconds": seconds,
+        "mean_length": sum(lengths) / len(lengths),
+        "early_exit": spec["early_exit"],
+        "peak_memory_bytes": peak,
+        "peak_memory_kind": kind,
+        "backend": setup.plan.backend,
+        **load.record,
+    }
+
+
+def flops_run(spec: dict) -> dict:
+    """Model FLOPs of one training step (per sample) and of a full-length search (per report)."""
+    setup = Setup(spec)
+    p = setup.profile
+    optimizer, _ = build_optimizer(setup.model, setup.params)
+    scaler = setup.plan.grad_scaler()
+    setup.model.train()
+    images, labels = next(setup.train_batches(spec["seed"]))
+    train, _ = count_flops(lambda: train_step(setup, optimizer, scaler, images, labels))
+    setup.model.eval()
+    studies = setup.test_images()[:2]
+    generate, _ = count_flops(lambda: setup.generate(studies, early_exit=False))
+    return {"train_per_sample": train / p.batch_size, "generate_per_report": generate / len(studies)}
