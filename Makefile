@@ -41,5 +41,13 @@ BASE ?= HEAD
 check-metrics: setup
 	$(ACTIVATE) && r2gen check-metrics --base $(BASE)
 
+# Speed and memory vs the public R2Gen code (benchmarks/run.py): PROFILE=sample|paper|resnet18, and
+# REFERENCE_SRC=path/to/a/checkout/of/cuhksz-nlp/R2Gen to time it side by side. Writes bench-results/.
+PROFILE ?= sample
+BENCH_ARGS ?=
+bench: setup
+	$(ACTIVATE) && python -m benchmarks.run --profile $(PROFILE) \
+		$(if $(REFERENCE_SRC),--reference-src $(REFERENCE_SRC)) $(BENCH_ARGS)
+
 clean:
 	rm -rf prepared artifacts models checkpoints predictions dvclive metrics reports/figures .pytest_cache
