@@ -27,11 +27,11 @@ from r2gen.training import TrainPaths, train
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory, tiny_data) -> dict:
-    """A model file trained for one epoch on the tiny dataset, with its summary metrics."""
+    """A model file trained for ten epochs on the tiny dataset (enough to write words), with its metrics."""
     out = tmp_path_factory.mktemp("cli_model")
     paths = TrainPaths(tiny_data["prepared"], tiny_data["tokenizer"], out / "model.pt", out / "checkpoints",
                        out / "dvclive", out / "metrics.json")
-    summary = train(tiny_params(tiny_data["root"], train__common__epochs=1), "fp32", paths)
+    summary = train(tiny_params(tiny_data["root"], train__common__epochs=10), "fp32", paths)
     return {"path": paths.model_out, "summary": summary, "tokenizer": Tokenizer.load(tiny_data["tokenizer"])}
 
 
