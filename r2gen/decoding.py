@@ -52,6 +52,7 @@ class FullRecomputeStepper:
         return self.model.decode_full(self.src, self.prefix, pad_mask=False)[:, -1]
 
     def select(self, index: torch.Tensor) -> None:
+        index = index.reshape(-1)
         self.src, self.prefix = self.src[index], self.prefix[index]
 
 
@@ -60,7 +61,8 @@ def beam_search(stepper, batch_size: int, num_beams: int, max_len: int, early_ex
     """Best sequence per study (B, L) including its EOS, 0-padded. ``num_beams=1`` is greedy.
 
     ``stepper.step(tokens (N,)) -> logprobs (N, V)`` advances every row by one token;
-    ``stepper.select(index)`` keeps/reorders/duplicates rows.
+    ``stepper.select(index (A, k))`` keeps/reorders/duplicates rows: the k new rows of study a (in
+    consecutive rows, studies in their order) are the old rows ``index[a]``, all from study a's rows.
     """
     k, device = num_beams, stepper.device
     active = torch.arange(batch_size)  # studies still searching, in row-block order
@@ -81,7 +83,7 @@ def beam_search(stepper, batch_size: int, num_beams: int, max_len: int, early_ex
         seqs = torch.cat([seqs.gather(1, beam_ix.unsqueeze(-1).expand(-1, -1, seqs.shape[2])),
                           words.unsqueeze(-1)], dim=-1)  # (A, k, t+1)
         sums = scores.clone()
-        rows = (beam_ix + torch.arange(A, device=device).unsqueeze(1) * kk).reshape(-1)
+        rows = beam_ix + torch.arange(A, device=device).unsqueeze(1) * kk  # (A, k) rows of the parents
 
         ended = words == EOS
         if t == max_len - 1:
@@ -103,7 +105,7 @@ def beam_search(stepper, batch_size: int, num_beams: int, max_len: int, early_ex
         if not keep.all():
             kept = torch.nonzero(keep).flatten()
             active, sums, seqs, words = active[kept], sums[kept], seqs[kept], words[kept]
-            rows = rows.view(A, k)[kept.to(device)].reshape(-1)
+            rows = rows[kept.to(device)]
         stepper.select(rows)
         logprobs = stepper.step(words.reshape(-1))
 

@@ -57,53 +57,81 @@ class DecoderLayer(nn.Module):
         x = x + self.dropout(self.src_attn.attend(h, *src_kv))
         return x + self.dropout(self.feed_forward(self.norms[2](x, memory)))
 
-    def step(self, x, memory, cache: "LayerCache", t: int):
-        """One new position: x (N, 1, d), memory (N, 1, slots*d); appends this position's keys/values."""
+    def step(self, x, memory, cache: "LayerCache"):
+        """One new position: x (N, 1, d), memory (N, 1, slots*d); appends this position's keys/values.
+
+        The N rows are A studies x N/A beams, the beams of a study in consecutive rows.
+        """
         h = self.norms[0](x, memory)
-        k, v = self.self_attn.project_kv(h, h)  # (N, h, 1, d_k)
-        cache.append(k, v, t)
-        x = x + self.self_attn.attend(h, cache.k[:, :, : t + 1], cache.v[:, :, : t + 1])
+        k, v = cache.append(*self.self_attn.project_kv(h, h))  # (N, h, 1, d_k) in, (N, h, t+1, d_k) out
+        x = x + self.self_attn.attend(h, k, v)
         h = self.norms[1](x, memory)
-        x = x + self.src_attn.attend(h, cache.src_k, cache.src_v)
+        # A study's beams share its visual tokens: they query its source keys/values together, as
+        # the query positions of one row, so the (A, h, S, d_k) keys are never copied per beam.
+        studies = cache.src_k.shape[0]
+        x = x + self.src_attn.attend(h.view(studies, -1, h.shape[-1]), cache.src_k, cache.src_v).view_as(x)
         return x + self.feed_forward(self.norms[2](x, memory))
 
 
 @dataclass
 class LayerCache:
-    """Keys/values of one decoder layer: its own past positions and the (fixed) visual tokens."""
+    """Keys/values of one decoder layer: its own past positions (per row) and the visual tokens (per study)."""
 
-    src_k: torch.Tensor  # (N, h, S, d_k)
+    src_k: torch.Tensor  # (A, h, S, d_k), one row per study
     src_v: torch.Tensor
-    k: torch.Tensor | None = None  # (N, h, max_len, d_k), filled up to the current step
-    v: torch.Tensor | None = None
     max_len: int = 0
+    # Past keys/values, position-major (max_len, N, h, d_k) so that reordering rows copies only the
+    # filled positions; attention reads them as a strided (N, h, t, d_k) view.
+    past_k: torch.Tensor | None = None
+    past_v: torch.Tensor | None = None
+    t: int = 0  # positions filled
 
-    def append(self, k: torch.Tensor, v: torch.Tensor, t: int) -> None:
-        if self.k is None:
-            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
-            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
-        self.k[:, :, t : t + 1] = k
-        self.v[:, :, t : t + 1] = v
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add this position's k, v (N, h, 1, d_k); returns all keys and values so far (N, h, t, d_k)."""
+        if self.past_k is None:
+            shape = (self.max_len, *k.shape[:2], k.shape[3])
+            self.past_k, self.past_v = k.new_empty(shape), v.new_empty(shape)
+        self.past_k[self.t], self.past_v[self.t] = k[:, :, 0], v[:, :, 0]
+        self.t += 1
+        return self.past_k[: self.t].permute(1, 2, 0, 3), self.past_v[: self.t].permute(1, 2, 0, 3)
 
-    def select(self, index: torch.Tensor) -> None:
-        self.src_k, self.src_v = self.src_k[index], self.src_v[index]
-        if self.k is not None:
-            self.k, self.v = self.k[index], self.v[index]
+    def select(self, rows: torch.Tensor, studies: torch.Tensor | None) -> None:
+        """Keep ``rows`` (N',) of the past keys/values and, if not None, ``studies`` (A',) of the source."""
+        if studies is not None:
+            self.src_k, self.src_v = self.src_k.index_select(0, studies), self.src_v.index_select(0, studies)
+        if self.past_k is not None:
+            self.past_k, self.past_v = (_select_rows(self.past_k, self.t, rows), _select_rows(self.past_v, self.t, rows))
+
+
+def _select_rows(past: torch.Tensor, t: int, rows: torch.Tensor) -> torch.Tensor:
+    """A new (max_len, N', h, d_k) buffer whose first ``t`` positions are ``past``'s rows ``rows``."""
+    out = past.new_empty((past.shape[0], len(rows), *past.shape[2:]))
+    torch.index_select(past[:t], 1, rows, out=out[:t])
+    return out
 
 
 @dataclass
 class DecodeCache:
-    """Everything carried from one generation step to the next (per beam row)."""
+    """Everything carried from one generation step to the next: A studies x ``beams`` rows."""
 
     memory: torch.Tensor  # relational memory (N, slots, d)
     layers: list[LayerCache]
     t: int = 0  # position of the next input token
+    beams: int = 1  # rows per study; a study's rows are consecutive
 
     def select(self, index: torch.Tensor) -> None:
-        """Keep/reorder/duplicate rows: row i of the new cache is row index[i] of the old one."""
-        self.memory = self.memory[index]
+        """Keep/reorder/duplicate rows: ``index`` (A', beams') gives, for beam j of study a in the new
+        cache, its row in the old one. The beams of a study come from that study's old rows (a beam
+        search never mixes studies), and the studies keep their order.
+        """
+        studies = index.shape[0]
+        rows = index.reshape(-1)
+        dropped = studies != self.layers[0].src_k.shape[0]
+        kept = index[:, 0] // self.beams if dropped else None  # (A',) old study of each new study
+        self.memory = self.memory.index_select(0, rows)
         for layer in self.layers:
-            layer.select(index)
+            layer.select(rows, kept)
+        self.beams = index.shape[1]
 
 
 class R2Gen(nn.Module):
@@ -196,13 +224,16 @@ class R2Gen(nn.Module):
         return DecodeCache(memory=self.rm.init_memory(src.shape[0], src.device), layers=layers)
 
     def decode_step(self, tokens: torch.Tensor, cache: DecodeCache) -> torch.Tensor:
-        """Feed one token per row at position ``cache.t``: tokens (N,) -> log-probabilities (N, V)."""
+        """Feed one token per row at position ``cache.t``: tokens (N,) -> log-probabilities (N, V).
+
+        N is the cache's studies x beams, the beams of a study in consecutive rows.
+        """
         e = self.embed(tokens.unsqueeze(1), start=cache.t)  # (N, 1, d)
         cache.memory = self.rm.step(e[:, 0], cache.memory)
         memory = cache.memory.flatten(1).unsqueeze(1)  # (N, 1, slots*d)
         x = e
         for layer, layer_cache in zip(self.decoder_layers, cache.layers):
-            x = layer.step(x, memory, layer_cache, cache.t)
+            x = layer.step(x, memory, layer_cache)
         cache.t += 1
         return self.head(x)[:, 0]
 
