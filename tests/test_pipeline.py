@@ -121,6 +121,16 @@ def test_exp_run_changes_the_headline_only_and_exp_show_lists_it(tiny_repo):
     assert ("fp8", "fp8") in headlines
 
 
+def test_a_per_precision_param_invalidates_only_that_branch(tiny_repo, tmp_path):
+    repo = tmp_path / "branch"
+    shutil.copytree(tiny_repo, repo, symlinks=True)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["fp8"]["batch_size"] = params["train"]["fp8"]["batch_size"] * 2
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    changed = set(json.loads(sh(["dvc", "status", "--json"], repo).stdout))
+    assert changed == {"train@fp8", "evaluate@fp8", "report"}
+
+
 def test_the_gate_passes_unchanged_metrics_and_fails_a_planted_regression(tiny_repo, tmp_path):
     repo = tmp_path / "gate"
     shutil.copytree(tiny_repo, repo, symlinks=True)
