@@ -127,8 +127,9 @@ def test_a_per_precision_param_invalidates_only_that_branch(tiny_repo, tmp_path)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train"]["fp8"]["batch_size"] = params["train"]["fp8"]["batch_size"] * 2
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # Only the fp8 training is out of date; its evaluation and the report follow once its model changes.
     changed = set(json.loads(sh(["dvc", "status", "--json"], repo).stdout))
-    assert changed == {"train@fp8", "evaluate@fp8", "report"}
+    assert changed == {"train@fp8"}
 
 
 def test_the_gate_passes_unchanged_metrics_and_fails_a_planted_regression(tiny_repo, tmp_path):
