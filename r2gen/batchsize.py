@@ -1,0 +1,327 @@
+"""The largest batch that fits a memory budget, and the learning rate to train it with.
+
+``batch_mode: max`` trains every precision at the largest batch whose training step stays within
+``memory_budget``. :func:`find_max_batch` finds it with a short probe: starting from ``start`` it
+doubles the batch while a step fits, then bisects between the last batch that fitted and the first
+that did not. Each probe runs real training steps (forward, backward, optimizer step, twice, so
+that Adam's state exists as it does in steady state) on worst-case input: every report at the
+maximum length, so no batch of the real data needs more.
+
+How a probe measures a step's peak memory:
+
+- CUDA (:func:`cuda_try_batch`): in the training process, ``torch.cuda.reset_peak_memory_stats``
+  before the step and ``torch.cuda.max_memory_allocated`` after it; an allocation that fails is
+  ``torch.OutOfMemoryError``.
+- CPU (:func:`subprocess_try_batch`): a process's peak RSS cannot be reset, and the allocator keeps
+  freed memory, so an in-process measurement after a larger batch would report that batch's memory.
+  Every probe therefore runs in a fresh Python process and reports that process's own peak RSS
+  (the quantity the training summary records as ``peak_memory_bytes`` on CPU). A probe process the
+  kernel kills (its OOM killer) counts as "does not fit". Each probe costs a process start and an
+  import of torch: a few seconds.
+
+A larger batch means fewer optimizer steps per epoch; :func:`scaled_lr` rescales the learning rate
+for it (the rules and the default are documented there).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from r2gen.config import Params
+from r2gen.errors import ConfigError, R2GenError
+
+LR_RULES: tuple[str, ...] = ("none", "linear", "sqrt")
+DEFAULT_LR_RULE = "sqrt"
+PROBE_STEPS = 2  # the second step runs with Adam's state allocated by the first, as every later step does
+
+
+class OutOfMemory(Exception):
+    """A probe step that could not allocate its memory (or whose process was killed for it)."""
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One probed batch size: its peak memory (None when it ran out of memory) and the verdict."""
+
+    batch: int
+    peak_bytes: int | None
+    fits: bool
+    note: str = ""  # why it did not fit, e.g. the out-of-memory message
+
+    def line(self, budget_bytes: int) -> str:
+        peak = "out of memory" if self.peak_bytes is None else f"peak {_gib(self.peak_bytes)}"
+        verdict = "fits" if self.fits else "does not fit"
+        return f"batch {self.batch}: {peak} | {verdict} (budget {_gib(budget_bytes)})" + (
+            f" | {self.note}" if self.note else "")
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """The largest batch that fits, how it was found, and what limited it."""
+
+    batch: int
+    budget_bytes: int
+    limit: int
+    probes: tuple[Probe, ...]  # in the order they ran
+
+    @property
+    def peaks(self) -> dict[int, int | None]:
+        """Measured peak bytes per probed batch (None: out of memory)."""
+        return {p.batch: p.peak_bytes for p in self.probes}
+
+    @property
+    def limited_by(self) -> str:
+        """``limit`` when the batch reached ``limit`` still within budget, else ``budget``."""
+        return "limit" if self.batch == self.limit else "budget"
+
+    def log_lines(self) -> list[str]:
+        return [p.line(self.budget_bytes) for p in self.probes] + [
+            f"largest batch within budget: {self.batch} ({self.limited_by}-limited; "
+            f"{len(self.probes)} probes)"]
+
+
+def find_max_batch(try_batch: Callable[[int], int], budget_bytes: int, start: int, limit: int,
+                   *, resolution: int = 1) -> ProbeResult:
+    """The largest batch in ``[start, limit]`` whose step's peak memory is within ``budget_bytes``.
+
+    Doubles from ``start`` while ``try_batch`` fits, then bisects between the last batch that fitted
+    and the first that did not, until they are ``resolution`` apart (8 keeps GPU batches multiples
+    of 8 apart; 1 finds the exact largest). Assumes memory grows with the batch, which holds for a
+    training step.
+
+    Args:
+        try_batch: runs a training step at batch ``b`` and returns its peak memory in bytes; may
+            raise :class:`OutOfMemory`, ``MemoryError`` or ``torch.OutOfMemoryError`` instead.
+        budget_bytes: the most memory a step may use (same quantity as ``try_batch`` returns).
+        start: the first batch tried; it must fit.
+        limit: the largest batch worth trying (e.g. the training split's size).
+
+    Raises:
+        R2GenError: even ``start`` does not fit, or the arguments are not positive and ordered.
+    """
+    if budget_bytes <= 0 or start < 1 or limit < start or resolution < 1:
+        raise R2GenError(f"batch-size probe needs budget > 0 and 1 <= start <= limit, got budget {budget_bytes}, "
+                         f"start {start}, limit {limit}, resolution {resolution}")
+    probes: list[Probe] = []
+
+    def fits(batch: int) -> bool:
+        try:
+            peak, note = try_batch(batch), ""
+        except (OutOfMemory, MemoryError, torch.OutOfMemoryError) as exc:
+            peak, note = None, (str(exc).splitlines() or ["out of memory"])[0][:200]
+        ok = peak is not None and peak <= budget_bytes
+        probes.append(Probe(batch, peak, ok, note))
+        return ok
+
+    if not fits(start):
+        first = probes[0]
+        needed = "ran out of memory" if first.peak_bytes is None else f"needs {_gib(first.peak_bytes)}"
+        raise R2GenError(f"batch-size probe: even batch {start} {needed}, over the memory budget of "
+                         f"{_gib(budget_bytes)}; raise train.common.memory_budget_gb or lower "
+                         "train.common.batch_size in params.yaml")
+    good, bad = start, None
+    while good < limit:  # double while it fits
+        batch = min(2 * good, limit)
+        if fits(batch):
+            good = batch
+        else:
+            bad = batch
+            break
+    while bad is not None and bad - good > resolution:  # bisect (good fits, bad does not)
+        mid = (good + bad) // 2
+        if fits(mid):
+            good = mid
+        else:
+            bad = mid
+    return ProbeResult(good, budget_bytes, limit, tuple(probes))
+
+
+def scaled_lr(base_lr: float, base_batch: int, batch: int, rule: str = DEFAULT_LR_RULE) -> float:
+    """The learning rate for ``batch``, given one tuned for ``base_batch``.
+
+    Rules (``k = batch / base_batch``):
+
+    - ``none``: ``base_lr``, unchanged.
+    - ``linear``: ``base_lr * k``. The linear scaling rule for SGD (Goyal et al. 2017, "Accurate,
+      Large Minibatch SGD: Training ImageNet in 1 Hour").
+    - ``sqrt``: ``base_lr * sqrt(k)``. The square-root rule (Krizhevsky 2014, "One weird trick for
+      parallelizing convolutional neural networks"; Hoffer et al. 2017), shown by Malladi et al.
+      (NeurIPS 2022, "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms") to be the
+      rule that keeps Adam's and RMSprop's dynamics when the batch grows.
+
+    ``sqrt`` is the default because R2Gen trains with Adam: its update size is normalised by the
+    gradient's second moment, so linear scaling overshoots; the noise of the gradient estimate
+    falls as ``1/sqrt(batch)``, which the square root compensates.
+
+    Raises:
+        ConfigError: an unknown rule or a non-positive batch.
+    """
+    if rule not in LR_RULES:
+        raise ConfigError(f"unsupported train.common.lr_scaling '{rule}', must be one of: {', '.join(LR_RULES)}")
+    if base_batch < 1 or batch < 1:
+        raise ConfigError(f"learning-rate scaling needs positive batch sizes, got {base_batch} and {batch}")
+    k = batch / base_batch
+    return {"none": base_lr, "linear": base_lr * k, "sqrt": base_lr * math.sqrt(k)}[rule]
+
+
+# ---------------------------------------------------------------------------------------- our model
+def r2gen_step(params: Params, precision: str, vocab_size: int, device: torch.device | str,
+               steps: int = PROBE_STEPS) -> Callable[[int], None]:
+    """A function ``step(batch)`` that runs ``steps`` training steps of R2Gen at ``precision``.
+
+    The model, optimizer and GradScaler are built here, as :mod:`r2gen.training` builds them, and
+    live as long as the returned function: build it before the real model, and drop it before
+    training. The steps follow the training loop's order (forward, zero_grad, backward, unscale,
+    clip, step), so the gradients of the previous step are alive during the next forward, as in
+    training. Input is random: uint8 views at ``data.image_size`` and reports of
+    ``tokenizer.max_seq_length`` tokens without padding, the longest any batch can hold.
+    """
+    from r2gen import precision as prec
+    from r2gen.model.r2gen import R2Gen
+    from r2gen.training import build_optimizer
+
+    if vocab_size < 2:
+        raise R2GenError(f"batch-size probe needs a vocabulary of at least 2 ids, got {vocab_size}")
+    device = torch.device(device)
+    pcfg = params.train.for_precision(precision)
+    plan = prec.resolve(precision, pcfg.backend, device, pcfg.fp8_recipe)
+    prec.set_fp32_numerics(device)
+    torch.manual_seed(params.seed)
+    model = R2Gen(params.model, vocab_size).to(device)
+    prec.convert_model(model, plan)
+    optimizer, _ = build_optimizer(model, params)
+    scaler = plan.grad_scaler()
+    model.train()
+    views, size, length = params.data.views, params.data.image_size, params.tokenizer.max_seq_length
+    clip = params.train.common.grad_clip_value
+
+    def step(batch: int) -> None:
+        images = torch.randint(0, 256, (batch, views, size, size), dtype=torch.uint8).to(device)  # (B, V, S, S)
+        labels = torch.randint(1, vocab_size, (batch, length)).to(device)  # (B, T): no padding anywhere
+        labels[:, 0] = 0  # BOS
+        for _ in range(steps):
+            with plan.autocast():
+                loss = model(images, labels).loss
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_value_(model.parameters(), clip)
+            scaler.step(optimizer)
+            scaler.update()
+
+    return step
+
+
+def cuda_try_batch(step: Callable[[int], None], device: torch.device | str) -> Callable[[int], int]:
+    """``try_batch`` for :func:`find_max_batch` on CUDA: the peak allocated memory of ``step(batch)``."""
+    device = torch.device(device)
+
+    def try_batch(batch: int) -> int:
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        failure = None
+        try:
+            step(batch)
+            torch.cuda.synchronize(device)
+        except torch.OutOfMemoryError as exc:
+            failure = (str(exc).splitlines() or ["CUDA out of memory"])[0]
+        # Raised outside the handler: the traceback would keep the failed step's tensors alive.
+        torch.cuda.empty_cache()
+        if failure is not None:
+            raise OutOfMemory(failure)
+        return torch.cuda.max_memory_allocated(device)
+
+    return try_batch
+
+
+def subprocess_try_batch(params: Params, precision: str, vocab_size: int,
+                         steps: int = PROBE_STEPS) -> Callable[[int], int]:
+    """``try_batch`` for :func:`find_max_batch` on CPU: the peak RSS of a fresh process running the steps.
+
+    Raises (from ``try_batch``):
+        OutOfMemory: the step could not allocate, or the kernel killed the probe process.
+        R2GenError: the probe process failed for another reason (its last stderr line is shown).
+    """
+    # The probe process imports this package from where this process did, installed or not.
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    code = "from r2gen.batchsize import _probe_child; _probe_child()"
+
+    def try_batch(batch: int) -> int:
+        request = json.dumps({"params": params.to_dict(), "precision": precision, "vocab_size": vocab_size,
+                              "batch": batch, "steps": steps})
+        proc = subprocess.run([sys.executable, "-c", code], input=request, capture_output=True, text=True, env=env)
+        if proc.returncode < 0:  # killed by a signal: SIGKILL is how the kernel's OOM killer ends it
+            raise OutOfMemory(f"probe process killed by signal {-proc.returncode}")
+        lines = proc.stdout.strip().splitlines()
+        if proc.returncode != 0 or not lines:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise R2GenError(f"batch-size probe at batch {batch} failed (exit {proc.returncode}): {last}")
+        answer = json.loads(lines[-1])
+        if "out_of_memory" in answer:
+            raise OutOfMemory(answer["out_of_memory"])
+        return int(answer["peak_bytes"])
+
+    return try_batch
+
+
+def _probe_child() -> None:
+    """Body of a CPU probe process: one JSON request on stdin, one JSON answer line on stdout."""
+    request = json.loads(sys.stdin.read())
+    params = Params.from_dict(request["params"], source="batch-size probe request")
+    torch.set_num_threads(params.threads)
+    step = r2gen_step(params, request["precision"], request["vocab_size"], "cpu", request["steps"])
+    failure = None
+    try:
+        step(request["batch"])
+    except (MemoryError, torch.OutOfMemoryError) as exc:
+        failure = (str(exc).splitlines() or ["out of memory"])[0]
+    # ru_maxrss: this fresh process's own peak resident set (KiB on Linux), as training records it.
+    answer = ({"out_of_memory": failure} if failure is not None
+              else {"peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})
+    print(json.dumps(answer), flush=True)
+
+
+def probe_max_batch(params: Params, precision: str, vocab_size: int, device: torch.device | str,
+                    budget_bytes: int, start: int, limit: int) -> ProbeResult:
+    """:func:`find_max_batch` for R2Gen at ``precision`` on ``device``.
+
+    On CUDA the probe runs in this process (its model is freed before this returns) and bisects
+    until the bounds are 8 apart; on CPU each probe is a fresh process and bisection finds the
+    exact batch.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        result = find_max_batch(cuda_try_batch(r2gen_step(params, precision, vocab_size, device), device),
+                                budget_bytes, start, limit, resolution=8)
+        torch.cuda.empty_cache()  # the probe's model and optimizer went with its closure
+        return result
+    return find_max_batch(subprocess_try_batch(params, precision, vocab_size), budget_bytes, start, limit)
+
+
+def default_budget_bytes(device: torch.device | str) -> int:
+    """90% of the device's memory (CUDA) or of the memory available now (CPU: MemAvailable)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(0.9 * torch.cuda.get_device_properties(device).total_memory)
+    try:
+        with open("/proc/meminfo") as fh:
+            available_kib = next(int(line.split()[1]) for line in fh if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        available_kib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 1024
+    return int(0.9 * available_kib * 1024)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
