@@ -63,6 +63,7 @@ class Metric:
     better: str  # higher | lower
     speed: bool = False  # a speed claim: none for runs that are not speed measurements
     unit: str = ""  # bytes | ratio | fraction | "" (plain number)
+    untested: str = ""  # why it is not tested against fp32 (empty: it is)
 
     @property
     def null(self) -> float | None:
@@ -77,14 +78,18 @@ QUALITY = (
     *(Metric(k, k, "eval", "higher") for k in ("BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr")),
     *(Metric(k, k.replace("_", " "), "eval", "higher") for k in ("CE_precision", "CE_recall", "CE_F1")),
 )
+# Absolute speeds of different experiments also differ with the machine's load at the time; only the
+# ratios to fp32 measured in the same experiment are compared.
+SAME_RUN = "compared as the same-run ratio to fp32"
 SPEED = (
-    Metric("samples_per_s", "training samples/s", "train", "higher", speed=True),
+    Metric("samples_per_s", "training samples/s", "train", "higher", speed=True, untested=SAME_RUN),
     Metric("throughput_ratio_vs_fp32", "throughput ratio vs fp32 (same run)", "ratio", "higher", True, "ratio"),
-    Metric("train_seconds", "train time (s)", "train", "lower", speed=True),
+    Metric("train_seconds", "train time (s)", "train", "lower", speed=True, untested=SAME_RUN),
     Metric("time_reduction_vs_fp32", "time reduction vs fp32 (same run)", "ratio", "higher", True, "fraction"),
     Metric("peak_memory_bytes", "peak memory", "train", "lower", unit="bytes"),
     # Generation runs at evaluate.precision for every model: a speed measurement, but not of p.
-    Metric("reports_per_s", "generation reports/s (at the eval precision)", "eval", "higher"),
+    Metric("reports_per_s", "generation reports/s (at the eval precision)", "eval", "higher",
+           untested="every model generates at the same precision"),
 )
 METRICS = QUALITY + SPEED
 
@@ -309,7 +314,7 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 class Group:
     """Experiments that differ only in their seed."""
 
-    label: str  # the settings that tell this group from the others, e.g. "train.common.batch_mode=max"
+    label: str  # the settings that tell this group from the others, e.g. "batch_mode=max"
     settings: dict[str, str]  # those settings: key -> value as JSON ("@baseline": the commit)
     experiments: tuple[Experiment, ...]
     duplicates: tuple[str, ...] = ()  # experiments left out: a seed already in the group
@@ -401,7 +406,7 @@ def compare(group: Group, metric: Metric, precisions: Sequence[str]) -> dict[str
         values, note = metric_values(group, metric, p)
         stat = Stat(tuple(values)) if values else None
         difference = None
-        if stat is not None and p != "fp32":
+        if stat is not None and p != "fp32" and not metric.untested:
             difference = (one_sample_test(values, metric.null) if metric.null is not None
                           else welch_test(values, reference))
         cells[p] = Cell(stat, difference, note)
@@ -734,7 +739,7 @@ def _signed(metric: Metric, x: float) -> str:
 def _diff_cell(metric: Metric, cell: Cell) -> str:
     d = cell.difference
     if d is None:
-        return "—"
+        return f"— ({metric.untested})" if metric.untested else "—"
     text = f"{_signed(metric, d.diff)} [{_signed(metric, d.ci[0])}, {_signed(metric, d.ci[1])}], p={d.p_value:.3f}"
     return f"**{text} exceeds**" if d.exceeds else text
 
@@ -760,7 +765,7 @@ def _metric_table(analysis: Analysis, metrics: Sequence[Metric]) -> str:
                     row += [c.note or "n/a", "—"]
                     continue
                 mean = f"{_ms(c.stat, m.unit)} ({c.stat.n})" + (f" ({c.note})" if c.note else "")
-                row += [mean, _diff_cell(m, c)]
+                row += [mean, _diff_cell(m, c) if p != "fp32" else "—"]
             rows.append(row)
     return _table(header, rows)
 
