@@ -1,15 +1,20 @@
 """Stage `train` (foreach precision): train R2Gen at one precision, resuming a killed run.
 
     python stages/train.py fp32 prepared artifacts/tokenizer.json models/fp32/model.pt checkpoints/fp32 dvclive/train/fp32 metrics/train/fp32.json
+
+R2GEN_NPROC=N trains with N data-parallel processes: the stage re-executes itself through torchrun
+(`python -m torch.distributed.run --standalone --nproc-per-node N stages/train.py ...`).
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 from _common import load_params, run, usage
 
+from r2gen.distributed import World, launch_torchrun, requested_nproc
 from r2gen.training import TrainPaths, train
 
 log = logging.getLogger("train")
@@ -18,6 +23,9 @@ log = logging.getLogger("train")
 def main(argv: list[str]) -> None:
     precision, prepared, tokenizer, model_out, ckpt_dir, live_dir, metrics = usage(__doc__, argv, 7)
     params = load_params()
+    nproc = requested_nproc()
+    if nproc > 1 and not World.from_env().distributed:
+        launch_torchrun(nproc, sys.argv)  # does not return: torchrun runs this script on every rank
     paths = TrainPaths(Path(prepared), Path(tokenizer), Path(model_out), Path(ckpt_dir), Path(live_dir), Path(metrics))
     summary = train(params, precision, paths)
     speed = f"{summary['samples_per_s']:.2f} samples/s" if summary["samples_per_s"] else "n/a samples/s"
