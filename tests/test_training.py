@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from conftest import tiny_params
-from r2gen.checkpoint import build_model, load_model_file
+from r2gen.checkpoint import build_model, load_model_file, load_torch
 from r2gen.errors import R2GenError
 from r2gen.model.r2gen import R2Gen
 from r2gen.training import TrainPaths, train
@@ -140,3 +141,126 @@ def test_bf16_and_emulated_fp8_losses_track_fp32_over_30_steps(tmp_path, tiny_da
 
 
 TRACKING_TOLERANCE = 0.15  # absolute loss difference at any of the 30 steps (losses start near 4.2)
+
+
+# ---------------------------------------------------------------------------------------- crash safety
+def crash_at_call(n: int, original):
+    """R2Gen.forward that raises on its n-th call (epoch 1 = 3 steps + val batches; call 5 is in epoch 2)."""
+    calls = {"n": 0}
+
+    def forward(self, images, labels):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise RuntimeError("simulated crash")
+        return original(self, images, labels)
+
+    return forward
+
+
+def test_a_history_cut_mid_write_by_a_kill_is_repaired_on_resume(tmp_path, tiny_data, monkeypatch):
+    params = tiny_params(tiny_data["root"], train__common__epochs=3)
+    train(params, "fp32", paths_in(tmp_path / "ref", tiny_data))
+    crashed = paths_in(tmp_path / "crash", tiny_data)
+    monkeypatch.setattr(R2Gen, "forward", crash_at_call(9, R2Gen.forward))  # inside epoch 3
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(params, "fp32", crashed)
+    monkeypatch.undo()
+    # A SIGKILL can land inside dvclive's writes: half a history row, an emptied summary file.
+    with open(crashed.live_dir / "plots" / "metrics" / "train" / "loss.tsv", "a") as fh:
+        fh.write("7\t4.")
+    (crashed.live_dir / "metrics.json").write_text("")
+
+    train(params, "fp32", crashed)
+    ref_live = tmp_path / "ref" / "dvclive" / "fp32"
+    assert step_losses(crashed.live_dir) == step_losses(ref_live)
+    assert json.loads((crashed.live_dir / "metrics.json").read_text()) == json.loads((ref_live / "metrics.json").read_text())
+
+
+def test_disk_full_while_checkpointing_keeps_the_last_good_checkpoint(tmp_path, tiny_data, monkeypatch):
+    params = tiny_params(tiny_data["root"], train__common__epochs=3)
+    paths = paths_in(tmp_path, tiny_data)
+    real_save = torch.save
+    saves = {"n": 0}
+
+    def save_until_the_disk_fills(obj, fh, *args, **kwargs):
+        saves["n"] += 1
+        if saves["n"] == 2:  # the checkpoint of epoch 2: half written, then ENOSPC
+            fh.write(b"\0" * 1000)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, fh, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_fills)
+    with pytest.raises(R2GenError, match=r"could not write .*last\.pt: No space left on device; check free disk space"):
+        train(params, "fp32", paths)
+    monkeypatch.undo()
+    assert load_torch(paths.checkpoint_dir / "last.pt")["state"]["epoch"] == 1  # the epoch-1 checkpoint, intact
+    assert sorted(p.name for p in paths.checkpoint_dir.iterdir()) == ["last.pt"]  # no half-written temp file
+    assert not paths.model_out.exists() and not paths.metrics.exists()
+    assert train(params, "fp32", paths)["steps"] == 9  # space freed: the rerun resumes and finishes
+
+
+def test_an_unwritable_output_directory_fails_before_training(tmp_path, tiny_data):
+    (tmp_path / "models").write_text("a file where the model folder should be")
+    paths = paths_in(tmp_path, tiny_data)
+    with pytest.raises(R2GenError, match=r"cannot write to output directory .*models/fp32"):
+        train(tiny_params(tiny_data["root"]), "fp32", paths)
+    assert not paths.checkpoint_dir.exists() and not paths.live_dir.exists()  # failed before any work
+
+
+class InfiniteGradient(torch.autograd.Function):
+    """Identity forward, inf gradient backward: an fp16 overflow in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def loss_spoiled_at(steps: set[int], spoil):
+    """R2Gen.loss passed through ``spoil`` at the given (1-based) training steps; validation untouched."""
+    real_loss = R2Gen.loss
+    calls = {"n": 0}
+
+    def loss(cls, logprobs, labels):
+        value = real_loss(logprobs, labels)
+        if not torch.is_grad_enabled():
+            return value
+        calls["n"] += 1
+        return spoil(value) if calls["n"] in steps else value
+
+    return classmethod(loss)
+
+
+def test_a_stopped_run_keeps_the_last_good_checkpoint_and_writes_no_outputs(tmp_path, tiny_data, monkeypatch):
+    params = tiny_params(tiny_data["root"], train__common__max_nonfinite_steps=2)
+    paths = paths_in(tmp_path, tiny_data)
+    monkeypatch.setattr(R2Gen, "loss", loss_spoiled_at({5, 6}, lambda loss: loss * float("nan")))  # epoch 2
+    with pytest.raises(R2GenError, match="2 consecutive non-finite steps .* last good checkpoint is kept"):
+        train(params, "fp32", paths)
+    assert load_torch(paths.checkpoint_dir / "last.pt")["state"]["epoch"] == 1
+    assert not paths.model_out.exists() and not paths.metrics.exists()
+
+
+def test_fp16_grad_scaler_skips_overflowing_steps_and_counts_them(tmp_path, tiny_data, monkeypatch):
+    params = tiny_params(tiny_data["root"], train__common__epochs=1)
+    monkeypatch.setattr(R2Gen, "loss", loss_spoiled_at({1, 2}, InfiniteGradient.apply))
+    summary = train(params, "fp16", paths_in(tmp_path, tiny_data, "fp16"))
+    assert summary["grad_scaler_skipped_steps"] == 2
+    assert summary["nonfinite_steps"] == 0  # the losses were finite; their gradients were not
+    assert summary["grad_scaler_final_scale"] == 2.0**16 * 0.5**2  # halved at each skipped step
+    tsv = tmp_path / "dvclive" / "fp16" / "plots" / "metrics" / "train" / "loss_scale.tsv"
+    scales = [float(r["loss_scale"]) for r in csv.DictReader(tsv.read_text().splitlines(), delimiter="\t")]
+    assert scales == [2.0**15, 2.0**14, 2.0**14]
+
+
+def test_fp16_consecutive_overflows_stop_the_run_with_a_clear_error(tmp_path, tiny_data, monkeypatch):
+    params = tiny_params(tiny_data["root"], train__common__max_nonfinite_steps=3)
+    paths = paths_in(tmp_path, tiny_data, "fp16")
+    monkeypatch.setattr(R2Gen, "loss", loss_spoiled_at(set(range(4, 100)), InfiniteGradient.apply))  # epoch 2 on
+    with pytest.raises(R2GenError, match="fp16: 3 consecutive non-finite steps"):
+        train(params, "fp16", paths)
+    assert load_torch(paths.checkpoint_dir / "last.pt")["state"]["epoch"] == 1
+    assert not paths.model_out.exists()
