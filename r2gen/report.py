@@ -383,9 +383,12 @@ def _speed_findings(run: RunData, derived: dict) -> list[str]:
         fastest = max(measured, key=lambda p: run.train[p]["samples_per_s"])
         sps = run.train[fastest]["samples_per_s"]
         others = [p for p in measured if p != fastest]
-        if fastest == "fp32":
+        if fastest == "fp32" and not others:
+            found.append(f"**fp32 ({_num(sps)} samples/s) is the only speed measurement here**: no lower precision "
+                         "ran with native kernels on this device, so none can be called faster or slower.")
+        elif fastest == "fp32":
             found.append(f"**fp32 is the fastest** of the speed-comparable precisions here ({_num(sps)} samples/s); "
-                         f"{', '.join(others) or 'no other precision'} did not beat it.")
+                         f"{', '.join(others)} did not beat it.")
         else:
             d = derived[fastest]
             found.append(f"**{fastest} is the fastest** precision here: {_num(sps)} samples/s, "
