@@ -2,7 +2,8 @@
 mode, what survives at equal batch, speed claims, time to quality, and the written report.
 
 tests/fixtures/experiments/exp_show.json is a 3-seed x {equal, max} grid with planted effects (see
-make_fixture.py next to it); dvclive/ there is one run's history in dvclive's own format.
+make_fixture.py next to it); exp_show_dvc3.67.json is real `dvc exp show --json` output of a tiny repo;
+dvclive/ there is one run's history in dvclive's own format.
 """
 
 from __future__ import annotations
@@ -134,6 +135,19 @@ def test_only_finished_experiments_are_read_and_the_rest_are_listed(grid):
     assert "workspace" not in {e.rev for e in experiments}  # the committed run is not a grid seed
     assert {e.params["train.common.batch_mode"] for e in experiments} == {"equal", "max"}
     assert experiments[0].train["bf16"]["backend"] == "native" and "BLEU_4" in experiments[0].eval["fp8"]
+
+
+def test_real_dvc_output_of_experiments_run_in_the_workspace_is_read():
+    # Recorded with DVC 3.67.1: `dvc exp run -S seed=.. -S train.common.batch_mode=..` four times in a tiny
+    # repo training fp32 and fp16; workspace runs have no executor, the baseline commit has no metrics.
+    rows = json.loads((FIXTURE / "exp_show_dvc3.67.json").read_text())
+    experiments, skipped = parse_exp_show(rows, ("fp32", "fp16"))
+    assert skipped == [] and len(experiments) == 4
+    assert sorted((e.params["train.common.batch_mode"], e.seed) for e in experiments) == \
+        [("equal", 1), ("equal", 2), ("max", 1), ("max", 2)]
+    groups = group_experiments(experiments)
+    assert [(g.label, g.seeds, g.equal_batch(("fp32", "fp16"))) for g in groups] == \
+        [("batch_mode=equal", [1, 2], True), ("batch_mode=max", [1, 2], False)]
 
 
 def test_an_experiment_missing_a_metrics_file_is_left_out_with_a_note():
