@@ -268,6 +268,19 @@ def build_optimizer(model: R2Gen, params: Params):
     return optimizer, scheduler
 
 
+def global_batch_loss(loss: torch.Tensor, labels: torch.Tensor, world: World) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One rank's R2Gen loss -> (loss to backpropagate, token-mean loss of the global batch, global batch size).
+
+    DDP averages gradients over ranks. Weighting each rank's token mean by its share of the global
+    tokens (times the world size) makes that average the gradient of R2Gen's token mean over the
+    global batch: what one process holding the whole batch computes.
+    """
+    tokens = R2Gen.target_mask(labels).sum()
+    totals = world.all_reduce_sum(torch.stack([tokens, loss.detach().float() * tokens,
+                                               tokens.new_tensor(float(labels.shape[0]))]))  # (3,)
+    return loss * (tokens * world.size / totals[0]), totals[1] / totals[0], int(totals[2])
+
+
 def train(params: Params, precision: str, paths: TrainPaths) -> dict:
     """Train R2Gen at ``precision``; writes the model, the summary metrics and dvclive history.
 
@@ -360,15 +373,7 @@ def _train(params: Params, precision: str, paths: TrainPaths, world: World, devi
                 out = model(images, labels)
             loss, batch_samples = out.loss, images.shape[0]  # loss: token mean over this rank's studies
             if world.distributed:
-                # DDP averages gradients over ranks; weighting each rank's token mean by its share of
-                # the global tokens makes the update the token mean over the global batch, as R2Gen's
-                # loss is for one process holding the whole batch.
-                tokens = R2Gen.target_mask(labels).sum()
-                totals = world.all_reduce_sum(torch.stack([
-                    tokens, loss.detach().float() * tokens, torch.tensor(float(batch_samples), device=device)]))
-                loss_global = totals[1] / totals[0]
-                batch_samples = int(totals[2])
-                loss = loss * (tokens * world.size / totals[0])
+                loss, loss_global, batch_samples = global_batch_loss(loss, labels, world)
             else:
                 loss_global = loss.detach()
             finite = bool(torch.isfinite(loss_global))  # the same verdict on every rank
