@@ -109,9 +109,9 @@ def test_unknown_learning_rate_rule_names_the_valid_ones():
         scaled_lr(1e-4, 16, 32, "squareroot")
 
 
-def test_r2gen_probe_step_runs_training_steps_at_any_batch():
-    params = tiny_params()
-    step = r2gen_step(params, "fp32", vocab_size=30, device="cpu", steps=1)
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16", "fp8"])
+def test_r2gen_probe_step_trains_at_every_precision_and_any_batch(precision):
+    step = r2gen_step(tiny_params(), precision, vocab_size=30, device="cpu", steps=1)
     step(3)
     step(5)  # reuses the model and optimizer built once
 
