@@ -136,7 +136,8 @@ def evaluate_loss(model: R2Gen, batches: StudyBatches, plan: prec.PrecisionPlan,
             count += n
     model.train(was_training)
     if world.distributed:
-        total, count = world.all_reduce_sum(torch.tensor([total, count], dtype=torch.float64, device=plan.device)).tolist()
+        sums = torch.tensor([total, count], dtype=torch.float64, device=plan.device)
+        total, count = world.all_reduce_sum(sums).tolist()
     return total / max(count, 1.0)
 
 

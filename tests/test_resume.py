@@ -87,10 +87,12 @@ def test_sigkilled_repro_resumes_and_finishes_with_the_uninterrupted_result(tmp_
     expected = json.loads((repo / "metrics/train/fp32.json").read_text())
     steps, epochs = expected["steps"], expected["epochs"]
     per_epoch = steps // epochs
-    rng = random.Random(int(os.environ.get("R2GEN_KILL_SEED", time.time_ns() % 2**32)))
+    seed = int(os.environ.get("R2GEN_KILL_SEED", time.time_ns() % 2**32))  # set it to replay a failure
+    rng = random.Random(seed)
     # Steps after which to kill: past the first checkpoint, before the last step, increasing.
     kill_steps = sorted(rng.sample(range(per_epoch + 1, steps - 1), KILLS))
-    print(f"reference run {time.perf_counter() - start:.1f} s; {steps} steps; killing after steps {kill_steps}")
+    print(f"reference run {time.perf_counter() - start:.1f} s; {steps} steps; killing after steps {kill_steps} "
+          f"(R2GEN_KILL_SEED={seed})")
 
     loss_tsv = repo / "dvclive/train/fp32/plots/metrics/train/loss.tsv"
     loss_tsv.unlink()  # the first run trains afresh and writes a new one (a resumed run replaces it)
