@@ -13,6 +13,7 @@ resumes from it and reaches the same result as an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -160,18 +161,30 @@ class LiveLogger:
 
     def log_step(self, metrics: dict[str, float]) -> None:
         """Metrics of a new training step (dvclive step = optimizer steps so far - 1)."""
-        if self._started:
-            self.live.next_step()
-        self._started = True
-        self.log(metrics)
+        with self._writing():
+            if self._started:
+                self.live.next_step()
+            self._started = True
+            self.log(metrics)
 
     def log(self, metrics: dict[str, float]) -> None:
         """Metrics at the current step (epoch metrics share the step of the epoch's last step)."""
-        for name, value in metrics.items():
-            self.live.log_metric(name, value)
+        with self._writing():
+            for name, value in metrics.items():
+                self.live.log_metric(name, value)
 
     def end(self) -> None:
-        self.live.end()
+        with self._writing():
+            self.live.end()
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """dvclive appends in place: a full disk is a one-line error (a rerun repairs the history)."""
+        try:
+            yield
+        except OSError as exc:
+            raise R2GenError(f"could not write the training history in {self.live.dir}: {exc.strerror or exc}; "
+                             "check free disk space and permissions, then rerun to resume") from None
 
 
 def _truncate_history(live_dir: Path, step: int) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from dvclive.plots.metric import Metric
 
 from conftest import tiny_params
 from r2gen.checkpoint import build_model, load_model_file, load_torch
@@ -198,6 +199,26 @@ def test_disk_full_while_checkpointing_keeps_the_last_good_checkpoint(tmp_path, 
     assert sorted(p.name for p in paths.checkpoint_dir.iterdir()) == ["last.pt"]  # no half-written temp file
     assert not paths.model_out.exists() and not paths.metrics.exists()
     assert train(params, "fp32", paths)["steps"] == 9  # space freed: the rerun resumes and finishes
+
+
+def test_disk_full_while_logging_is_a_clear_error_and_the_rerun_resumes(tmp_path, tiny_data, monkeypatch):
+    params = tiny_params(tiny_data["root"])
+    paths = paths_in(tmp_path, tiny_data)
+    real_dump = Metric.dump
+    dumps = {"n": 0}
+
+    def dump_until_the_disk_fills(self, *args, **kwargs):
+        dumps["n"] += 1
+        if dumps["n"] == 16:  # epoch 2 (an epoch logs 3 x 3 step metrics + 2 epoch metrics)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_dump(self, *args, **kwargs)
+
+    monkeypatch.setattr(Metric, "dump", dump_until_the_disk_fills)
+    with pytest.raises(R2GenError, match="could not write the training history in .*: No space left on device"):
+        train(params, "fp32", paths)
+    monkeypatch.undo()
+    assert train(params, "fp32", paths)["steps"] == 6
+    assert [s for s, _ in step_losses(paths.live_dir)] == list(range(6))
 
 
 def test_an_unwritable_output_directory_fails_before_training(tmp_path, tiny_data):
