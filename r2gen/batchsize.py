@@ -16,8 +16,8 @@ How a probe measures a step's peak memory:
   freed memory, so an in-process measurement after a larger batch would report that batch's memory.
   Every probe therefore runs in a fresh Python process and reports that process's own peak RSS
   (the quantity the training summary records as ``peak_memory_bytes`` on CPU). A probe process the
-  kernel kills (its OOM killer) counts as "does not fit". Each probe costs a process start and an
-  import of torch: a few seconds.
+  kernel kills (its OOM killer) counts as "does not fit". Each probe costs a process start, an
+  import of torch and a kernel warm-up: 10-30 s on our 2-core machines.
 
 A larger batch means fewer optimizer steps per epoch; :func:`scaled_lr` rescales the learning rate
 for it (the rules and the default are documented there).
@@ -43,6 +43,7 @@ from r2gen.errors import ConfigError, R2GenError
 LR_RULES: tuple[str, ...] = ("none", "linear", "sqrt")
 DEFAULT_LR_RULE = "sqrt"
 PROBE_STEPS = 2  # the second step runs with Adam's state allocated by the first, as every later step does
+PROBE_RESOLUTION = 8  # the probed batch is within 8 of the exact largest (and GPU-friendly bisection points)
 
 
 class OutOfMemory(Exception):
@@ -295,19 +296,20 @@ def _probe_child() -> None:
 
 def probe_max_batch(params: Params, precision: str, vocab_size: int, device: torch.device | str,
                     budget_bytes: int, start: int, limit: int) -> ProbeResult:
-    """:func:`find_max_batch` for R2Gen at ``precision`` on ``device``.
+    """:func:`find_max_batch` for R2Gen at ``precision`` on ``device``, bisecting until the bounds are 8 apart.
 
-    On CUDA the probe runs in this process (its model is freed before this returns) and bisects
-    until the bounds are 8 apart; on CPU each probe is a fresh process and bisection finds the
-    exact batch.
+    On CUDA the probe runs in this process (its model is freed before this returns). On CPU each
+    probe is a fresh process: 10-30 s on our 2-core machines (process start, torch import, two
+    steps, the first of which warms up the kernels), so a coarser bisection saves minutes there.
     """
     device = torch.device(device)
     if device.type == "cuda":
         result = find_max_batch(cuda_try_batch(r2gen_step(params, precision, vocab_size, device), device),
-                                budget_bytes, start, limit, resolution=8)
+                                budget_bytes, start, limit, resolution=PROBE_RESOLUTION)
         torch.cuda.empty_cache()  # the probe's model and optimizer went with its closure
         return result
-    return find_max_batch(subprocess_try_batch(params, precision, vocab_size), budget_bytes, start, limit)
+    return find_max_batch(subprocess_try_batch(params, precision, vocab_size), budget_bytes, start, limit,
+                          resolution=PROBE_RESOLUTION)
 
 
 def default_budget_bytes(device: torch.device | str) -> int:
