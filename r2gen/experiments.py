@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-import numpy as np
 from matplotlib.figure import Figure
 
 from r2gen.config import PRECISIONS
@@ -640,7 +639,8 @@ def conclusions(analysis: Analysis) -> list[str]:
                    if (d := r.cells[m.key][p].difference) is not None and d.exceeds]
         where = f"[{r.group.label}]" + (" (equal batch and steps)" if r.equal_batch else " (batch or steps differ)")
         if not flagged:
-            found.append(f"{where} No quality metric of any precision differs from fp32 beyond the seed-to-seed spread.")
+            found.append(f"{where} No quality metric of any precision differs from fp32 beyond the "
+                         "seed-to-seed spread.")
         for m, p, d in flagged:
             sentence = (f"{where} {_label(analysis, p)} {m.label}: {_signed(m, d.diff)} vs fp32 "
                         f"(95% CI {_signed(m, d.ci[0])} to {_signed(m, d.ci[1])}, p = {d.p_value:.3f})")
@@ -782,9 +782,9 @@ def _setup_table(analysis: Analysis) -> str:
         row = [_label(analysis, p)]
         for r in analysis.groups:
             for key in SETUP_KEYS:
-                values = {e.train[p].get(key) for e in r.group.experiments}
-                row.append(" / ".join(_plain(v) if _known(v) else str(v if v is not None else "n/a")
-                                      for v in sorted(values, key=lambda v: (not _known(v), v if _known(v) else 0, str(v)))))
+                values = sorted({e.train[p].get(key) for e in r.group.experiments},
+                                key=lambda v: (not _known(v), v if _known(v) else 0, str(v)))
+                row.append(" / ".join(_plain(v) if _known(v) else str(v if v is not None else "n/a") for v in values))
         rows.append(row)
     return _table(header, rows)
 

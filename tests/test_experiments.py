@@ -92,7 +92,8 @@ def test_incomplete_beta_matches_the_binomial_identity():
 
 
 def test_welch_matches_published_examples():
-    # The two worked examples of the Wikipedia article "Welch's t-test": t -2.46, df 24.9, p 0.021; t -1.57, df 9.9, p 0.149
+    # The two worked examples of the Wikipedia article "Welch's t-test":
+    # t -2.46, df 24.9, p 0.021 and t -1.57, df 9.9, p 0.149
     a1 = [27.5, 21.0, 19.0, 23.6, 17.0, 17.9, 16.9, 20.1, 21.9, 22.6, 23.1, 19.6, 19.0, 21.7, 21.4]
     a2 = [27.1, 22.0, 20.8, 23.4, 23.4, 23.5, 25.8, 22.0, 24.8, 20.2, 21.9, 22.1, 22.9, 20.5, 24.4]
     d = welch_test(a1, a2)
