@@ -1,4 +1,5 @@
-"""The training loop: outputs, determinism, resume after a crash, non-finite handling, precisions."""
+"""The training loop: outputs, determinism, resume after a crash or a kill mid-write, full disks and unwritable
+outputs, non-finite handling (fp32 losses, fp16 GradScaler overflows), precisions."""
 
 from __future__ import annotations
 
