@@ -85,6 +85,13 @@ class ProbeResult:
         """``limit`` when the batch reached ``limit`` still within budget, else ``budget``."""
         return "limit" if self.batch == self.limit else "budget"
 
+    def summary(self) -> str:
+        """One line for the training summary: ``budget 1.00 GiB | 16: 0.78 GiB fits | 32: ...``."""
+        def one(p: Probe) -> str:
+            return f"{p.batch}: {'out of memory' if p.peak_bytes is None else _gib(p.peak_bytes)} " \
+                   f"{'fits' if p.fits else 'does not fit'}"
+        return " | ".join([f"budget {_gib(self.budget_bytes)}", *map(one, self.probes)])
+
     def log_lines(self) -> list[str]:
         return [p.line(self.budget_bytes) for p in self.probes] + [
             f"largest batch within budget: {self.batch} ({self.limited_by}-limited; "

@@ -41,6 +41,8 @@ def test_probe_finds_the_largest_batch_under_a_linear_memory_model():
     assert [p.fits for p in result.probes] == [10 * b + 100 <= 1000 for b in step.tried]
     assert len(step.tried) == len(set(step.tried)) <= 6 + math.ceil(math.log2(64))
     assert result.log_lines()[-1] == "largest batch within budget: 90 (budget-limited; 12 probes)"
+    assert result.summary().startswith("budget 0.98 GiB | 4: 0.14 GiB fits | 8: 0.18 GiB fits | ")
+    assert "| 128: 1.35 GiB does not fit |" in result.summary()
 
 
 @pytest.mark.parametrize("error", [OutOfMemory, MemoryError, torch.OutOfMemoryError])
