@@ -13,7 +13,7 @@ from benchmarks import run
 from benchmarks.measure import PROFILES, LoadMonitor, Profile, count_flops, matmul_peak
 from r2gen.config import ModelConfig
 from r2gen.model.r2gen import R2Gen
-from r2gen.model.visual import build_resnet_trunk
+from r2gen.model.visual import VisualExtractor, build_resnet_trunk
 
 torch.set_num_threads(1)
 
@@ -181,3 +181,22 @@ def test_gpu_precisions_run_and_report_their_ratio_over_fp32(tmp_path):
     assert doc["machine"]["gpu"]
     assert set(doc["ratios"]) == {"fp16/fp32", "bf16/fp32"}
     assert doc["results"]["ours"]["fp16"]["peak_memory_kind"] == "torch.cuda.max_memory_allocated"
+
+
+# ---------------------------------------------------------------------------------------------
+# The optimisations the benchmark measures must not change the function.
+
+def test_recomputed_visual_stages_give_identical_gradients_and_running_stats():
+    torch.manual_seed(0)
+    stored = VisualExtractor("resnet10", width=8)
+    recomputed = VisualExtractor("resnet10", width=8, recompute_stages=6)  # stem, layer1, layer2
+    recomputed.load_state_dict(stored.state_dict())
+    images = torch.randint(0, 256, (3, 2, 32, 32), dtype=torch.uint8)
+    for model in (stored, recomputed):
+        for _ in range(2):  # two steps: the running statistics are updated once per forward
+            patches, pooled = model(images)
+            (patches.square().mean() + pooled.sum()).backward()
+    for (name, a), b in zip(stored.named_parameters(), recomputed.parameters()):
+        assert torch.equal(a.grad, b.grad), name
+    for (name, a), b in zip(stored.named_buffers(), recomputed.buffers()):
+        assert torch.equal(a, b), name

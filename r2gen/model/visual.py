@@ -8,12 +8,14 @@ is ``(B, 2*49, 2048)`` with ResNet101.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torchvision
+from torch.utils.checkpoint import checkpoint
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from r2gen.errors import CheckpointError
@@ -128,29 +130,73 @@ def load_pretrained(trunk: nn.Sequential, name: str, width: int, pretrained: str
     return str(path)
 
 
-class VisualExtractor(nn.Module):
-    """uint8 grayscale views ``(B, V, H, W)`` -> patch tokens ``(B, V*h*w, C)`` and pooled ``(B, V*C)``."""
+@contextlib.contextmanager
+def _batch_norm_stats_frozen(module: nn.Module):
+    """BatchNorm layers of ``module`` normalise with batch statistics and leave their running ones alone.
 
-    def __init__(self, name: str, width: int = 64):
+    For the re-run of a recomputed stage in the backward pass (the forward already updated them):
+    momentum 0 makes the update ``0 * batch + 1 * running``, which is ``running`` exactly, and the
+    batch counter is put back. The layers keep their running-stat tensors, so the re-run saves the
+    same tensors for the backward as the forward did (checkpoint checks that).
+    """
+    norms = [m for m in module.modules() if isinstance(m, nn.BatchNorm2d) and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(norms, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
+
+
+class VisualExtractor(nn.Module):
+    """uint8 grayscale views ``(B, V, H, W)`` -> patch tokens ``(B, V*h*w, C)`` and pooled ``(B, V*C)``.
+
+    ``recompute_stages``: in training, the first that many children of the trunk (4 = the stem,
+    5 = stem and layer1, 6 = up to layer2) keep only their inputs for the backward pass and are
+    re-run there, one stage at a time, instead of storing their activations: the high-resolution
+    maps, which take the most memory per FLOP. Same values and gradients (BatchNorm running
+    statistics are updated once); the price is one more forward pass of those stages.
+    """
+
+    def __init__(self, name: str, width: int = 64, recompute_stages: int = 0):
         super().__init__()
-        self.trunk = build_resnet_trunk(name, width)
+        # Channels-last: oneDNN's convolutions (above all the 1x1 ones at 56x56 and 28x28) and
+        # BatchNorm run markedly faster on NHWC than on NCHW on CPU; the values are the same convolutions.
+        self.trunk = build_resnet_trunk(name, width).to(memory_format=torch.channels_last)
         self.out_channels = self.trunk.out_channels
+        self.recompute_stages = recompute_stages
         # Grayscale is replicated to RGB and ImageNet-normalised, as torchvision's transforms do in R2Gen.
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def _normalize(self, views: torch.Tensor) -> torch.Tensor:
         x = views.unsqueeze(1).float().div_(255.0)  # (N, 1, H, W)
-        return (x - self.mean) / self.std  # (N, 3, H, W)
+        return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)  # (N, 3, H, W)
+
+    def _features(self, views: torch.Tensor) -> torch.Tensor:
+        """uint8 views (N, H, W) -> last feature map (N, C, h, w)."""
+        x = self._normalize(views)
+        n = self.recompute_stages
+        if not (n and self.training and torch.is_grad_enabled()):
+            return self.trunk(x)
+        # One checkpoint per stage (the stem is children 0-3), so that the backward re-creates one
+        # stage's activations at a time.
+        for part in [self.trunk[: min(n, 4)], *self.trunk[4:n]]:
+            x = checkpoint(part, x, use_reentrant=False,
+                           context_fn=lambda part=part: (contextlib.nullcontext(), _batch_norm_stats_frozen(part)))
+        return self.trunk[n:](x)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, V = images.shape[:2]
         if self.training:
             # One call per view as in R2Gen, so BatchNorm batch statistics are per view.
-            maps = [self.trunk(self._normalize(images[:, v])) for v in range(V)]
+            maps = [self._features(images[:, v]) for v in range(V)]
             fmap = torch.stack(maps, dim=1).flatten(0, 1)  # (B*V, C, h, w)
         else:
-            fmap = self.trunk(self._normalize(images.flatten(0, 1)))  # (B*V, C, h, w)
+            fmap = self._features(images.flatten(0, 1))  # (B*V, C, h, w)
         C = fmap.shape[1]
         pooled = fmap.mean(dim=(2, 3)).reshape(B, V * C)  # (B, V*C)
         patches = fmap.flatten(2).transpose(1, 2)  # (B*V, h*w, C)
