@@ -118,13 +118,19 @@ def implementations(reference_src: str | None, impls: list[str], profile: Profil
     return out, skipped
 
 
+PHASES = ("train", "generate")
+
+
 def run_benchmark(profile: Profile, precisions: list[str], *, repeats: int = 3, threads: int = 1,
                   device: str = "cpu", reference_src: str | None = None, impls: list[str] = (),
-                  work_dir: Path = Path("bench-results/data"), isolate: bool = True, log=print) -> dict:
+                  phases: list[str] = PHASES, work_dir: Path = Path("bench-results/data"), isolate: bool = True,
+                  log=print) -> dict:
     """Measure ``profile`` and return the results document (see the module docstring)."""
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad or not precisions:
         raise R2GenError(f"--precisions {','.join(precisions)}: each must be one of {', '.join(PRECISIONS)}")
+    if not phases or any(p not in PHASES for p in phases):
+        raise R2GenError(f"--phases {','.join(phases)}: each must be one of {', '.join(PHASES)}")
     if repeats < 1 or threads < 1:
         raise R2GenError("--repeats and --threads must be at least 1")
     impl_list, reference_skipped = implementations(reference_src, list(impls), profile)
@@ -151,7 +157,10 @@ def run_benchmark(profile: Profile, precisions: list[str], *, repeats: int = 3, 
                      **run_worker({**base, "impl": "matmul", "phase": "matmul", "dtypes": dtypes}, isolate)})
         for impl in impl_list:
             for precision in precisions if impl["impl"] == "ours" else ["fp32"]:
-                runs.append(measure(impl, "train", precision=precision, repeat=repeat))
+                if "train" in phases:
+                    runs.append(measure(impl, "train", precision=precision, repeat=repeat))
+                if "generate" not in phases:
+                    continue
                 runs.append(measure(impl, "generate", precision=precision, repeat=repeat, early_exit=False))
                 if impl["impl"] == "ours":
                     runs.append(measure(impl, "generate_early_exit", precision=precision, repeat=repeat,
@@ -203,15 +212,15 @@ def summarize(profile, precisions, threads, device, data, impl_list, reference_s
                 entry["generate_early_exit_reports_per_s"] = _median_of(early, "reports_per_s")
                 entry["generate_early_exit_mean_length"] = _median_of(early, "mean_length")
             f = flops[label]
+            train_rate, gen_rate = entry["train_samples_per_s"], entry["generate_reports_per_s"]
             entry["train_gflops_per_sample"] = f["train_per_sample"] / 1e9
             entry["generate_gflops_per_report"] = f["generate_per_report"] / 1e9
-            entry["train_achieved_gflops"] = entry["train_gflops_per_sample"] * entry["train_samples_per_s"]["median"]
-            entry["generate_achieved_gflops"] = (entry["generate_gflops_per_report"]
-                                                 * entry["generate_reports_per_s"]["median"])
-            entry["train_fraction_of_fp32_matmul_peak"] = entry["train_achieved_gflops"] / peak_fp32
-            entry["parameters"] = train[0]["parameters"]
-            entry["peak_memory_kind"] = train[0]["peak_memory_kind"]
-            entry["backend"] = train[0]["backend"]
+            entry["train_achieved_gflops"] = train_rate and entry["train_gflops_per_sample"] * train_rate["median"]
+            entry["generate_achieved_gflops"] = gen_rate and entry["generate_gflops_per_report"] * gen_rate["median"]
+            entry["train_fraction_of_fp32_matmul_peak"] = train_rate and entry["train_achieved_gflops"] / peak_fp32
+            entry["parameters"] = train[0]["parameters"] if train else None
+            entry["peak_memory_kind"] = mine[0]["peak_memory_kind"]
+            entry["backend"] = mine[0]["backend"]
             per_impl[precision] = entry
     return {
         "profile": profile.to_dict(),
@@ -298,14 +307,15 @@ def table(doc: dict) -> str:
             "|---|---|---|---|---|---|---|---|"]
     for label, per_impl in doc["results"].items():
         for precision, e in per_impl.items():
-            t = e["train_samples_per_s"]
+            t, g = e["train_samples_per_s"], e["generate_reports_per_s"]
             early = e.get("generate_early_exit_reports_per_s")
-            rows.append(
-                f"| {label} | {precision} | {t['median']:.3g} ({t['min']:.3g}-{t['max']:.3g}) "
-                f"| {e['train_peak_memory_bytes']['median'] / 2**30:.2f} GiB "
-                f"| {e['train_achieved_gflops']:.0f} ({100 * e['train_fraction_of_fp32_matmul_peak']:.0f} %) "
-                f"| {e['generate_reports_per_s']['median']:.3g} | {_fmt(early and early['median'])} "
-                f"| {e['parameters'] / 1e6:.1f} M |")
+            train = (f"{t['median']:.3g} ({t['min']:.3g}-{t['max']:.3g}) "
+                     f"| {e['train_peak_memory_bytes']['median'] / 2**30:.2f} GiB "
+                     f"| {e['train_achieved_gflops']:.3g} ({100 * e['train_fraction_of_fp32_matmul_peak']:.0f} %)"
+                     if t else "- | - | -")
+            params = f"{e['parameters'] / 1e6:.1f} M" if e["parameters"] else "-"
+            rows.append(f"| {label} | {precision} | {train} | {_fmt(g and g['median'])} "
+                        f"| {_fmt(early and early['median'])} | {params} |")
     lines = [head, "", *rows, ""]
     for name, r in doc["ratios"].items():
         lines.append(f"{name}: train {_fmt(r['train_samples_per_s'], '.2f')}x, generation "
@@ -323,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precisions", help="comma-separated; default fp32,bf16 (sample), fp32 (paper, resnet18)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; figures are medians (default 3)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, pinned (default 1)")
+    parser.add_argument("--phases", default="train,generate", help="what to time (default train,generate)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--reference-src", help="a checkout of github.com/cuhksz-nlp/R2Gen to time side by side")
     parser.add_argument("--impl", action="append", default=[], metavar="LABEL=PATH",
@@ -341,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
             if not torch.cuda.is_available():
                 raise R2GenError("--device cuda but no CUDA device is usable; run with --device cpu")
         doc = run_benchmark(profile, precisions, repeats=args.repeats, threads=args.threads, device=args.device,
-                            reference_src=args.reference_src, impls=args.impl, work_dir=Path(args.work_dir),
+                            reference_src=args.reference_src, impls=args.impl, phases=args.phases.split(","),
+                            work_dir=Path(args.work_dir),
                             isolate=not args.no_isolate, log=lambda line: print(line, file=sys.stderr, flush=True))
     except R2GenError as exc:
         print(f"error: {exc}", file=sys.stderr)
