@@ -124,9 +124,11 @@ class TrainPrecision:
     batch_size: int = 16
     backend: str = "auto"  # auto | native | te | emulated (see r2gen.precision)
     fp8_recipe: str = "delayed"  # fp8 only: delayed (DelayedScaling, HYBRID) | current
+    nproc: int = 1  # data-parallel processes (torchrun + DDP); batch_size is per process
 
     def __post_init__(self) -> None:
         _positive("batch_size", self.batch_size)
+        _positive("nproc", self.nproc)
         _choice("backend", self.backend, BACKENDS)
         _choice("fp8_recipe", self.fp8_recipe, FP8_RECIPES)
 

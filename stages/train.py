@@ -2,8 +2,9 @@
 
     python stages/train.py fp32 prepared artifacts/tokenizer.json models/fp32/model.pt checkpoints/fp32 dvclive/train/fp32 metrics/train/fp32.json
 
-R2GEN_NPROC=N trains with N data-parallel processes: the stage re-executes itself through torchrun
-(`python -m torch.distributed.run --standalone --nproc-per-node N stages/train.py ...`).
+`train.<p>.nproc: N` (or R2GEN_NPROC=N, which overrides it) trains with N data-parallel processes: the
+stage re-executes itself through torchrun (`python -m torch.distributed.run --standalone
+--nproc-per-node N stages/train.py ...`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ log = logging.getLogger("train")
 def main(argv: list[str]) -> None:
     precision, prepared, tokenizer, model_out, ckpt_dir, live_dir, metrics = usage(__doc__, argv, 7)
     params = load_params()
-    nproc = requested_nproc()
+    nproc = requested_nproc(params.train.for_precision(precision).nproc)
     if nproc > 1 and not World.from_env().distributed:
         launch_torchrun(nproc, sys.argv)  # does not return: torchrun runs this script on every rank
     paths = TrainPaths(Path(prepared), Path(tokenizer), Path(model_out), Path(ckpt_dir), Path(live_dir), Path(metrics))
