@@ -485,22 +485,24 @@ def load_history(read: Callable[[str], str | None], live_dir: str, metric: str) 
 def time_to_quality(history: History, target: float, spec: QualityTarget, summary: dict) -> Reached:
     """Samples and training seconds until the metric first reached ``target``.
 
-    Logged per-epoch totals (``epoch/train_seconds``, ``epoch/samples``) are used when the history
-    has them. Otherwise they are estimated from the training summary: samples = optimizer steps ×
+    Logged per-epoch totals (``epoch/samples``, ``epoch/train_seconds``) are used where the history
+    has them. Otherwise each is estimated from the training summary: samples = optimizer steps ×
     global batch size (an overestimate by the short last batch of each epoch) and seconds =
     ``train_seconds`` × steps / total steps (as if every step took as long).
     """
     for step, value in zip(history.steps, history.values):
         if not spec.reached(value, target):
             continue
-        if step in history.seconds and step in history.samples:
-            return Reached(step, history.samples[step], history.seconds[step], estimated=False)
         done, total = step + 1, summary.get("steps")
         batch = summary.get("global_batch_size") or summary.get("batch_size")
-        seconds = summary.get("train_seconds")
-        return Reached(step, done * batch if _known(batch) else None,
-                       seconds * done / total if _known(seconds) and _known(total) and total else None,
-                       estimated=True)
+        train_seconds = summary.get("train_seconds")
+        samples, seconds = history.samples.get(step), history.seconds.get(step)
+        estimated = samples is None or seconds is None
+        if samples is None and _known(batch):
+            samples = done * batch
+        if seconds is None and _known(train_seconds) and _known(total) and total:
+            seconds = train_seconds * done / total
+        return Reached(step, samples, seconds, estimated)
     return Reached(None, None, None, estimated=False)
 
 

@@ -271,6 +271,12 @@ def test_time_to_quality_is_estimated_from_the_summary_when_not_logged_per_epoch
     assert reached.seconds == pytest.approx(25.2 * 70 / 84)
 
 
+def test_logged_samples_are_used_even_when_seconds_must_be_estimated():
+    history = load_history(dvclive_reader("train_seconds.tsv"), "dvclive/train/fp32", "val_loss")
+    reached = time_to_quality(history, 0.52, QualityTarget(), {"steps": 84, "batch_size": 16, "train_seconds": 25.2})
+    assert reached.samples == 1120 and reached.seconds == pytest.approx(25.2 * 70 / 84) and reached.estimated
+
+
 def test_a_target_never_reached_and_a_score_target_reached_from_below():
     history = History((9, 19, 29), (0.9, 0.7, 0.6))
     never = time_to_quality(history, 0.5, QualityTarget(), {})
