@@ -226,13 +226,31 @@ def cmd_check_metrics(args: argparse.Namespace) -> int:
         diff = json.loads(proc.stdout or "{}")
     except json.JSONDecodeError:
         raise R2GenError(f"`dvc metrics diff` printed no JSON: {proc.stdout[:200]!r}") from None
-    checks = evaluate(diff, precisions, rules)
+    checks = evaluate(diff, precisions, rules, _missing_value_reasons(rules, precisions))
     for check in checks:
         print(check.line())
     failed = [c for c in checks if not c.ok]
-    print(f"{len(checks) - len(failed)}/{len(checks)} metrics within tolerance of {args.base}"
+    skipped = [c for c in checks if c.skipped]
+    print(f"{len(checks) - len(failed) - len(skipped)}/{len(checks)} metrics within tolerance of {args.base}"
+          + (f"; {len(skipped)} skipped (no value on either side)" if skipped else "")
           + (f"; {len(failed)} FAILED" if failed else ""))
     return 1 if failed else 0
+
+
+def _missing_value_reasons(rules, precisions: list[str]) -> dict[str, dict[str, str]]:
+    """{workspace metrics file: {key: its `<key>_error` text}} for the gated keys that state one."""
+    reasons: dict[str, dict[str, str]] = {}
+    for rule in rules:
+        for p in precisions:
+            path = rule.file.format(precision=p)
+            try:
+                data = json.loads(Path(path).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            why = data.get(f"{rule.key}_error") if isinstance(data, dict) else None
+            if isinstance(why, str) and why:
+                reasons.setdefault(path, {})[rule.key] = why
+    return reasons
 
 
 def cmd_sample_data(args: argparse.Namespace) -> int:

@@ -3,7 +3,9 @@
 Input is the JSON of ``dvc metrics diff --all --json [REV]`` (``{file: {key: {old, new, diff}}}``)
 and the rules of ``metrics_gate.yaml``. A metric fails when it moved in its bad direction by more
 than its tolerance, and also when either side is missing: ``dvc metrics diff`` exits 0 when it
-cannot load a file, so a deleted or unreadable metric must not pass silently. Throughput is gated
+cannot load a file, so a deleted or unreadable metric must not pass silently. The one exception: a
+metric that has no value on either side and whose workspace file says why (``<key>_error``, e.g.
+METEOR switched off or without Java) is reported as ``skip`` with that reason. Throughput is gated
 only as a ratio to fp32 measured in the same run, never as an absolute time.
 """
 
@@ -39,9 +41,10 @@ class Check:
     new: float | None
     limit: str  # human-readable tolerance
     note: str = ""
+    skipped: bool = False  # no value on either side, for the reason in note
 
     def line(self) -> str:
-        status = "ok  " if self.ok else "FAIL"
+        status = "skip" if self.skipped else "ok  " if self.ok else "FAIL"
         return f"{status} {self.name}: {_fmt(self.old)} -> {_fmt(self.new)} ({self.limit}){' ' + self.note if self.note else ''}"
 
 
@@ -66,8 +69,14 @@ def load_rules(raw: dict[str, Any], source: str = "metrics_gate.yaml") -> tuple[
     return list(raw["precisions"]), rules
 
 
-def evaluate(diff: dict[str, dict], precisions: list[str], rules: list[Rule]) -> list[Check]:
-    """One Check per rule and precision (ratio rules skip the reference precision itself)."""
+def evaluate(diff: dict[str, dict], precisions: list[str], rules: list[Rule],
+             reasons: dict[str, dict[str, str]] | None = None) -> list[Check]:
+    """One Check per rule and precision (ratio rules skip the reference precision itself).
+
+    ``reasons`` maps a workspace metrics file to ``{key: why it has no value}`` (its ``<key>_error``
+    fields); a metric absent on both sides with a reason is skipped, not failed.
+    """
+    reasons = reasons or {}
     checks = []
     for rule in rules:
         for p in precisions:
@@ -85,8 +94,13 @@ def evaluate(diff: dict[str, dict], precisions: list[str], rules: list[Rule]) ->
             tol = rule.allowed(p)
             limit = f"{'-' if rule.better == 'higher' else '+'}{tol:.0%}" if rule.relative else \
                 f"{'-' if rule.better == 'higher' else '+'}{tol:g}"
+            why = reasons.get(rule.file.format(precision=p), {}).get(rule.key)
+            if missing and why and not _number(old) and not _number(new):
+                checks.append(Check(name, True, old, new, limit, f"no value on either side: {why}", skipped=True))
+                continue
             if missing:
-                checks.append(Check(name, False, old, new, limit, "missing: " + "; ".join(missing)))
+                checks.append(Check(name, False, old, new, limit, "missing: " + "; ".join(missing)
+                                    + (f" ({why})" if why else "")))
                 continue
             allowed = tol * abs(old) if rule.relative else tol
             worse_by = (old - new) if rule.better == "higher" else (new - old)

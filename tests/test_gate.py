@@ -53,6 +53,18 @@ def test_a_metric_absent_from_the_diff_fails():
     assert not evaluate({}, precisions, rs)[0].ok
 
 
+def test_a_metric_absent_on_both_sides_with_a_stated_reason_is_skipped_not_passed_silently():
+    precisions, rs = rules(BLEU)
+    reasons = {"m/fp32.json": {"BLEU_4": "METEOR not computed (meteor=False)"}}
+    checks = {c.name: c for c in evaluate({}, precisions, rs, reasons)}
+    assert checks["fp32 BLEU_4"].skipped and checks["fp32 BLEU_4"].ok
+    assert checks["fp32 BLEU_4"].line().startswith("skip fp32 BLEU_4") and "meteor=False" in checks["fp32 BLEU_4"].line()
+    assert not checks["fp16 BLEU_4"].ok  # no reason given: still a failure
+    # A baseline value that disappears fails even with a reason: the gate cannot vouch for it.
+    lost = evaluate(diff_of(**{"m/fp32.json": {"BLEU_4": (0.3, None)}}), precisions, rs, reasons)[0]
+    assert not lost.ok and not lost.skipped and "meteor=False" in lost.line()
+
+
 def test_throughput_is_gated_as_a_ratio_to_fp32():
     precisions, rs = rules({"key": "samples_per_s", "file": "m/{precision}.json", "better": "higher",
                             "relative": True, "tolerance": 0.5, "ratio_to": "fp32"})

@@ -75,13 +75,19 @@ def test_meteor_matches_pycocoevalcap_and_leaves_no_jvm():
 
 
 def _child_processes() -> list[str]:
-    """Command lines of this process's children (Linux /proc), to catch a leaked JVM."""
+    """Command lines of this process's children (Linux /proc), to catch a leaked JVM.
+
+    multiprocessing's resource tracker, started once by an earlier test in this process (the DDP
+    tests), lives as long as the process and is not ours to count.
+    """
     children = []
     for entry in Path("/proc").glob("[0-9]*"):
         try:
             status = (entry / "status").read_text()
             if f"\nPPid:\t{os.getpid()}\n" in status:
-                children.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                if "multiprocessing.resource_tracker" not in cmdline:
+                    children.append(cmdline)
         except OSError:  # the process ended while we looked
             continue
     return children

@@ -141,6 +141,7 @@ def test_the_gate_passes_unchanged_metrics_and_fails_a_planted_regression(tiny_r
     shutil.copytree(tiny_repo, repo, symlinks=True)
     ok = sh(["r2gen", "check-metrics"], repo, check=False)
     assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "skip fp32 METEOR" in ok.stdout and "meteor=False" in ok.stdout  # off in TINY: said, not hidden
 
     metrics_file = repo / "metrics/eval/fp32.json"
     metrics = json.loads(metrics_file.read_text())
