@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 ACTIVATE := source $(BIN)/activate
 
-.PHONY: setup data repro test test-fast test-pipeline check-metrics bench clean
+.PHONY: setup data repro test test-fast test-pipeline check-metrics bench grid clean
 
 setup: $(STAMP)
 
@@ -49,5 +49,18 @@ bench: setup
 	$(ACTIVATE) && python -m benchmarks.run --profile $(PROFILE) \
 		$(if $(REFERENCE_SRC),--reference-src $(REFERENCE_SRC)) $(BENCH_ARGS)
 
+# The seed x batch-mode grid (README: "Seeds, batch sizes and time to quality"): opt-in, hours on CPU.
+# DVC's own queue runs one experiment at a time in temporary copies of the last commit (plus
+# uncommitted changes to tracked files); then `r2gen exp-report` writes reports/experiments/.
+SEEDS ?= 1,2,3
+grid: data
+	$(ACTIVATE) && dvc exp run --queue -S 'seed=$(SEEDS)' -S 'train.common.batch_mode=equal,max' \
+		-S train.common.validate=every_epoch
+	$(ACTIVATE) && dvc queue start -j 1 && \
+		while dvc queue status | grep -qE '\b(Queued|Running)\b'; do sleep 60; done; \
+		dvc queue status; r2gen exp-report
+
+# Removes the DVC-cached outputs (rebuilt by `dvc repro` or `dvc checkout`); the committed
+# baseline (metrics/, reports/, dvclive/, checkpoints/*/status.json) stays.
 clean:
-	rm -rf prepared artifacts models checkpoints predictions dvclive metrics reports/figures .pytest_cache
+	rm -rf prepared artifacts models predictions checkpoints/*/last.pt .pytest_cache

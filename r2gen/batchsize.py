@@ -136,7 +136,7 @@ def find_max_batch(try_batch: Callable[[int], int], budget_bytes: int, start: in
         needed = "ran out of memory" if first.peak_bytes is None else f"needs {_gib(first.peak_bytes)}"
         raise R2GenError(f"batch-size probe: even batch {start} {needed}, over the memory budget of "
                          f"{_gib(budget_bytes)}; raise train.common.memory_budget_gb or lower "
-                         "train.common.batch_size in params.yaml")
+                         "train.<precision>.batch_size in params.yaml")
     good, bad = start, None
     while good < limit:  # double while it fits
         batch = min(2 * good, limit)

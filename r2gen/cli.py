@@ -53,6 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--gate", type=Path, default=Path("metrics_gate.yaml"), help="tolerances per metric")
     m.set_defaults(func=cmd_check_metrics)
 
+    e = sub.add_parser("exp-report", help="multi-seed comparison of a DVC experiment grid (README: Seeds, batch sizes)")
+    e.add_argument("--rev", default=None, help="read the experiments of this baseline commit (default: HEAD's)")
+    e.add_argument("--input", type=Path, default=None,
+                   help="a saved `dvc exp show --json` instead of running it (histories read from git if present)")
+    e.add_argument("--params", type=Path, default=Path("params.yaml"), help="holds exp_report (the TTQ target)")
+    e.add_argument("--out", type=Path, default=Path("reports/experiments"), help="output folder")
+    e.set_defaults(func=cmd_exp_report)
+
     s = sub.add_parser("sample-data", help="write a synthetic chest X-ray dataset in R2Gen's layout")
     s.add_argument("out", type=Path)
     s.add_argument("--studies", type=int, default=300)
@@ -235,6 +243,61 @@ def cmd_check_metrics(args: argparse.Namespace) -> int:
           + (f"; {len(skipped)} skipped (no value on either side)" if skipped else "")
           + (f"; {len(failed)} FAILED" if failed else ""))
     return 1 if failed else 0
+
+
+def cmd_exp_report(args: argparse.Namespace) -> int:
+    import shutil
+    import subprocess
+
+    import yaml
+
+    from r2gen.config import Params
+    from r2gen.experiments import LIVE_DIR, QualityTarget, analyse, build_report, conclusions, load_history, \
+        parse_exp_show
+
+    try:
+        params = Params.from_dict(yaml.safe_load(args.params.read_text(encoding="utf-8")), str(args.params))
+    except FileNotFoundError:
+        raise R2GenError(f"{args.params} not found; run from the repository root or pass --params") from None
+    except yaml.YAMLError as exc:
+        raise R2GenError(f"{args.params} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    cfg = params.exp_report
+    target = QualityTarget(cfg.ttq_metric, cfg.ttq_relative, cfg.ttq_absolute)
+    if args.input is not None:
+        try:
+            rows = json.loads(args.input.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise R2GenError(f"cannot read {args.input} as JSON ({exc}); save it with `dvc exp show --json > FILE`") from None
+    else:
+        dvc = shutil.which("dvc")
+        if dvc is None:
+            raise R2GenError("dvc not found on PATH; activate the project's venv (source .venv/bin/activate)")
+        cmd = [dvc, "exp", "show", "--json"] + (["--rev", args.rev] if args.rev else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise R2GenError(f"`{' '.join(cmd[1:])}` failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+        try:
+            rows = json.loads(proc.stdout or "[]")
+        except ValueError:
+            raise R2GenError(f"`dvc exp show --json` printed no JSON: {proc.stdout[:200]!r}") from None
+    experiments, skipped = parse_exp_show(rows)
+
+    def git_reader(rev: str):
+        def read(path: str) -> str | None:  # a file of the experiment's commit, None when absent
+            out = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True)
+            return out.stdout if out.returncode == 0 else None
+        return read
+
+    histories = {(e.rev, p): load_history(git_reader(e.rev), LIVE_DIR.format(precision=p), target.metric)
+                 for e in experiments for p in e.train}
+    analysis = analyse(experiments, histories, target, skipped=skipped)
+    build_report(analysis, args.out)
+    for line in conclusions(analysis):
+        print(f"- {line}")
+    print(f"{len(experiments)} experiments in {len(analysis.groups)} group(s)"
+          + (f"; left out: {'; '.join(skipped)}" if skipped else "")
+          + f"\nwrote {args.out / 'experiments_report.md'}, experiments.json and figures/")
+    return 0
 
 
 def _missing_value_reasons(rules, precisions: list[str]) -> dict[str, dict[str, str]]:

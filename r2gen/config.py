@@ -20,6 +20,8 @@ PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "fp8")
 DATASETS: tuple[str, ...] = ("iu_xray", "mimic_cxr")
 BACKENDS: tuple[str, ...] = ("auto", "native", "te", "emulated")
 FP8_RECIPES: tuple[str, ...] = ("delayed", "current")
+BATCH_MODES: tuple[str, ...] = ("equal", "max")
+LR_SCALING: tuple[str, ...] = ("sqrt", "linear", "none")
 VISUAL_EXTRACTORS: tuple[str, ...] = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 # Views per study in each dataset layout (R2Gen: IU X-Ray stacks frontal + lateral, MIMIC uses one).
@@ -111,8 +113,18 @@ class TrainCommon:
     warmup_steps: int = 3  # steps excluded from samples/s
     max_nonfinite_steps: int = 20  # consecutive non-finite losses before the run stops
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
+    # equal: every precision at its train.<p>.batch_size, which must be the same for all (same steps);
+    # max: the largest batch within memory_budget_gb, found by a probe (r2gen/batchsize.py), the
+    # learning rates rescaled from train.<p>.batch_size by lr_scaling.
+    batch_mode: str = "equal"
+    memory_budget_gb: float | None = None  # max mode; null: 90% of the GPU's memory or of the RAM available
+    lr_scaling: str = "sqrt"  # max mode: sqrt | linear | none (see r2gen.batchsize.scaled_lr)
 
     def __post_init__(self) -> None:
+        _choice("train.common.batch_mode", self.batch_mode, BATCH_MODES)
+        _choice("train.common.lr_scaling", self.lr_scaling, LR_SCALING)
+        if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
+            raise ConfigError(f"train.common.memory_budget_gb must be positive or null, got {self.memory_budget_gb}")
         _choice("train.common.validate", self.validate, ("last", "every_epoch"))
         _choice("train.common.device", self.device, ("auto", "cpu", "cuda"))
         _positive("train.common.epochs", self.epochs)
@@ -141,6 +153,14 @@ class TrainConfig:
     bf16: TrainPrecision = field(default_factory=TrainPrecision)
     fp8: TrainPrecision = field(default_factory=TrainPrecision)
 
+    def __post_init__(self) -> None:
+        if self.common.batch_mode == "equal":
+            batches = {p: self.for_precision(p).batch_size * self.for_precision(p).nproc for p in PRECISIONS}
+            if len(set(batches.values())) > 1:
+                listed = ", ".join(f"{p} {b}" for p, b in batches.items())
+                raise ConfigError(f"train.common.batch_mode is 'equal' but the global batches differ ({listed}; "
+                                  "batch_size x nproc): set train.<precision>.batch_size equal, or use batch_mode: max")
+
     def for_precision(self, precision: str) -> TrainPrecision:
         _choice("precision", precision, PRECISIONS)
         return getattr(self, precision)
@@ -162,6 +182,19 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class ExpReportConfig:
+    """`r2gen exp-report`'s time-to-quality target (read by the command, no stage depends on it)."""
+
+    ttq_metric: str = "val_loss"  # a dvclive epoch metric of training
+    ttq_relative: float = 1.05  # target = this x fp32's mean final value at equal batch
+    ttq_absolute: float | None = None  # a fixed target instead
+
+    def __post_init__(self) -> None:
+        if not self.ttq_relative > 0:
+            raise ConfigError(f"exp_report.ttq_relative must be positive, got {self.ttq_relative}")
+
+
+@dataclass(frozen=True)
 class Params:
     precision: str = "fp32"  # the model the report headlines and `r2gen generate` ships
     seed: int = 9223  # R2Gen's run_iu_xray.sh seed
@@ -171,6 +204,7 @@ class Params:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    exp_report: ExpReportConfig = field(default_factory=ExpReportConfig)
 
     def __post_init__(self) -> None:
         _choice("precision", self.precision, PRECISIONS)

@@ -881,7 +881,8 @@ def _write_figures(analysis: Analysis, directory: Path) -> None:
                       {(gi, p): f"{c.reached}/{c.runs} reached" for gi, r in enumerate(analysis.groups)
                        for p, c in r.ttq.items()})
     fig.suptitle(f"Time to quality: {analysis.target_text}", fontsize=9)
-    axes[0].legend(fontsize=7)
+    if axes[0].get_legend_handles_labels()[0]:  # no bars at all without a target
+        axes[0].legend(fontsize=7)
     fig.savefig(directory / "time_to_quality.png", dpi=110, metadata={"Software": None})
 
 

@@ -263,19 +263,55 @@ def config_fingerprint(params: Params, precision: str, world_size: int = 1) -> s
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def choose_batch(params: Params, precision: str, vocab_size: int, device: torch.device, world: World,
+                 train_studies: int, resumed_state: dict | None) -> tuple[int, float, str | None]:
+    """(batch per process, learning-rate factor, probe summary) for ``train.common.batch_mode``.
+
+    ``equal``: ``train.<p>.batch_size`` (the config checks it is the same for every precision) at
+    the learning rates of params.yaml. ``max``: the largest batch whose training step fits
+    ``memory_budget_gb``, found by rank 0's probe (:func:`r2gen.batchsize.probe_max_batch`) and
+    never above the training split (per process); the learning rates are rescaled from
+    ``train.<p>.batch_size`` by ``lr_scaling``. A resumed run keeps the batch its first probe chose.
+    """
+    from r2gen.batchsize import default_budget_bytes, probe_max_batch, scaled_lr
+
+    common, base = params.train.common, params.train.for_precision(precision).batch_size
+    if common.batch_mode == "equal":
+        return base, 1.0, None
+    if resumed_state is not None and "batch_size" in resumed_state:
+        batch, summary = resumed_state["batch_size"], resumed_state.get("batch_probe")
+        log.info("batch probe: resumed run keeps batch %d", batch)
+    else:
+        answer = None
+        if world.is_main:
+            budget = (int(common.memory_budget_gb * 2**30) if common.memory_budget_gb is not None
+                      else default_budget_bytes(device))
+            limit = max(1, train_studies // world.size)
+            log.info("batch probe: %s on %s, budget %.2f GiB, from batch %d up to %d", precision, device.type,
+                     budget / 2**30, min(base, limit), limit)
+            result = probe_max_batch(params, precision, vocab_size, device, budget, min(base, limit), limit)
+            for line in result.log_lines():
+                log.info("batch probe: %s", line)
+            answer = (result.batch, result.summary())
+        batch, summary = world.broadcast(answer)
+    return batch, scaled_lr(1.0, base, batch, common.lr_scaling), summary
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
-def build_optimizer(model: R2Gen, params: Params):
+def build_optimizer(model: R2Gen, params: Params, lr_factor: float = 1.0):
+    """R2Gen's Adam (visual extractor and encoder-decoder groups) and StepLR; ``lr_factor`` scales
+    both learning rates (batch_mode max: see :func:`choose_batch`)."""
     common = params.train.common
     visual = list(model.visual.parameters())
     visual_ids = {id(p) for p in visual}
     rest = [p for p in model.parameters() if id(p) not in visual_ids]
     optimizer = torch.optim.Adam(
-        [{"params": visual, "lr": common.lr_ve}, {"params": rest, "lr": common.lr_ed}],
+        [{"params": visual, "lr": common.lr_ve * lr_factor}, {"params": rest, "lr": common.lr_ed * lr_factor}],
         weight_decay=common.weight_decay, amsgrad=common.amsgrad,
     )
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, common.lr_step_size, common.lr_gamma)
@@ -330,31 +366,39 @@ def _train(params: Params, precision: str, paths: TrainPaths, world: World, devi
         raise R2GenError(f"{paths.prepared} holds {train_split.images.shape[1]}-view studies but data.dataset "
                          f"is {params.data.dataset}; rerun `dvc repro prepare`")
 
+    # A killed run's checkpoint is read first: a resumed max-batch run keeps the batch it probed.
+    ckpt_path = paths.checkpoint_dir / "last.pt"
+    ckpt = world.broadcast(_resumable(ckpt_path, fingerprint) if world.is_main else None)
+    batch, lr_factor, probe = choose_batch(params, precision, tokenizer.vocab_size, device, world,
+                                           len(train_split.ids), ckpt["state"] if ckpt is not None else None)
+    if common.batch_mode == "max":
+        log.info("batch_mode max: batch %d | learning rates x %.3g (%s rule from batch %d)", batch, lr_factor,
+                 common.lr_scaling, pcfg.batch_size)
+
     seed_everything(params.seed)
     model = R2Gen(params.model, tokenizer.vocab_size).to(device)
     conversion = prec.convert_model(model, plan)
     if world.distributed:
         synced = sync_batch_norms(model)  # BatchNorm over the global batch: as one process would compute it
         log.info("DDP: %d ranks | %d BatchNorm2d layers synced over ranks | global batch %d",
-                 world.size, synced, world.size * pcfg.batch_size)
+                 world.size, synced, world.size * batch)
         torch.manual_seed(params.seed + world.rank)  # own dropout masks per rank; rank 0 keeps the 1-process stream
-    optimizer, scheduler = build_optimizer(model, params)
+    optimizer, scheduler = build_optimizer(model, params, lr_factor)
     scaler = plan.grad_scaler()
     batch_gen = torch.Generator().manual_seed(params.seed)
     shard = {"rank": world.rank, "world": world.size}
-    train_batches = StudyBatches(train_split, tokenizer, pcfg.batch_size, params.data.image_size,
+    train_batches = StudyBatches(train_split, tokenizer, batch, params.data.image_size,
                                  train=True, hflip=params.data.hflip, generator=batch_gen, **shard)
-    val_batches = StudyBatches(val_split, tokenizer, pcfg.batch_size, params.data.image_size, train=False, **shard)
+    val_batches = StudyBatches(val_split, tokenizer, batch, params.data.image_size, train=False, **shard)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %s parameters | vocabulary %d | %d train / %d val studies | %d steps per epoch",
              f"{n_params:,}", tokenizer.vocab_size, len(train_split.ids), len(val_split.ids), len(train_batches))
 
-    # ---- resume (rank 0 reads the checkpoint and hands it to the others: no shared disk needed)
-    ckpt_path = paths.checkpoint_dir / "last.pt"
-    state = {"epoch": 0, "step": 0, "timed_samples": 0, "timed_seconds": 0.0, "wall_seconds": 0.0,
-             "nonfinite_steps": 0, "skipped_steps": 0, "epoch_losses": [], "val_losses": []}
+    # ---- resume (rank 0 read the checkpoint above and handed it to the others: no shared disk needed)
+    state = {"epoch": 0, "step": 0, "samples": 0, "timed_samples": 0, "timed_seconds": 0.0, "wall_seconds": 0.0,
+             "nonfinite_steps": 0, "skipped_steps": 0, "epoch_losses": [], "val_losses": [],
+             "batch_size": batch, "batch_probe": probe}
     resume_step = None
-    ckpt = world.broadcast(_resumable(ckpt_path, fingerprint) if world.is_main else None)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -415,6 +459,7 @@ def _train(params: Params, precision: str, paths: TrainPaths, world: World, devi
                 state["timed_samples"] += batch_samples  # global samples: the whole DDP step
                 state["timed_seconds"] += dt
             state["wall_seconds"] += dt
+            state["samples"] = state.get("samples", 0) + batch_samples
             if not finite:
                 state["nonfinite_steps"] += 1
             consecutive_nonfinite = 0 if stepped else consecutive_nonfinite + 1
@@ -440,7 +485,9 @@ def _train(params: Params, precision: str, paths: TrainPaths, world: World, devi
         state["epoch"] = epoch + 1
         train_loss = epoch_loss / max(epoch_n, 1)
         state["epoch_losses"].append(train_loss)
-        epoch_metrics = {"epoch/train_loss": train_loss}
+        # Samples and seconds so far: time to quality (r2gen exp-report) reads them beside val_loss.
+        epoch_metrics = {"epoch/train_loss": train_loss, "epoch/samples": state.get("samples", 0),
+                         "epoch/train_seconds": state["wall_seconds"]}
         if common.validate == "every_epoch" or state["epoch"] == common.epochs:
             val_loss = evaluate_loss(raw_model, val_batches, plan, world)
             state["val_losses"].append(val_loss)
@@ -470,9 +517,14 @@ def _train(params: Params, precision: str, paths: TrainPaths, world: World, devi
         "grad_scaler_final_scale": scaler.get_scale() if scaler.is_enabled() else None,
         "grad_scaler_skipped_steps": state["skipped_steps"],
         "nonfinite_steps": state["nonfinite_steps"],
-        "batch_size": pcfg.batch_size,
+        "batch_mode": common.batch_mode,
+        "batch_size": batch,
+        "batch_probe": probe,
+        "lr_scaling": common.lr_scaling if common.batch_mode == "max" else None,
+        "lr_ve": common.lr_ve * lr_factor,
+        "lr_ed": common.lr_ed * lr_factor,
         "world_size": world.size,
-        "global_batch_size": pcfg.batch_size * world.size,
+        "global_batch_size": batch * world.size,
         "ddp_backend": ddp_backend,
         "epochs": common.epochs,
         "steps": state["step"],
