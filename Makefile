@@ -30,7 +30,7 @@ repro: data
 	$(ACTIVATE) && dvc repro
 
 test: data
-	$(ACTIVATE) && python -m pytest -q $(PYTEST_ARGS)
+	$(ACTIVATE) && python -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 # Unit and behaviour tests only (a few minutes): the inner loop while developing.
 test-fast: data
@@ -53,9 +53,10 @@ bench: setup
 # DVC's own queue runs one experiment at a time in temporary copies of the last commit (plus
 # uncommitted changes to tracked files); then `r2gen exp-report` writes reports/experiments/.
 SEEDS ?= 1,2,3
+GRID_ARGS ?=
 grid: data
 	$(ACTIVATE) && dvc exp run --queue -S 'seed=$(SEEDS)' -S 'train.common.batch_mode=equal,max' \
-		-S train.common.validate=every_epoch
+		-S train.common.validate=every_epoch $(GRID_ARGS)
 	$(ACTIVATE) && dvc queue start -j 1 && \
 		while dvc queue status | grep -qE '\b(Queued|Running)\b'; do sleep 60; done; \
 		dvc queue status; r2gen exp-report

@@ -20,7 +20,7 @@ PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "fp8")
 DATASETS: tuple[str, ...] = ("iu_xray", "mimic_cxr")
 BACKENDS: tuple[str, ...] = ("auto", "native", "te", "emulated")
 FP8_RECIPES: tuple[str, ...] = ("delayed", "current")
-BATCH_MODES: tuple[str, ...] = ("equal", "max")
+BATCH_MODES: tuple[str, ...] = ("configured", "equal", "max")
 LR_SCALING: tuple[str, ...] = ("sqrt", "linear", "none")
 VISUAL_EXTRACTORS: tuple[str, ...] = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
@@ -113,10 +113,10 @@ class TrainCommon:
     warmup_steps: int = 3  # steps excluded from samples/s
     max_nonfinite_steps: int = 20  # consecutive non-finite losses before the run stops
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
-    # equal: every precision at its train.<p>.batch_size, which must be the same for all (same steps);
-    # max: the largest batch within memory_budget_gb, found by a probe (r2gen/batchsize.py), the
-    # learning rates rescaled from train.<p>.batch_size by lr_scaling.
-    batch_mode: str = "equal"
+    # configured: every precision at its own train.<p>.batch_size; equal: the same, checked to be the
+    # same for every precision (same optimizer steps); max: the largest batch within memory_budget_gb,
+    # found by a probe (r2gen/batchsize.py), learning rates rescaled from train.<p>.batch_size by lr_scaling.
+    batch_mode: str = "configured"
     memory_budget_gb: float | None = None  # max mode; null: 90% of the GPU's memory or of the RAM available
     lr_scaling: str = "sqrt"  # max mode: sqrt | linear | none (see r2gen.batchsize.scaled_lr)
 
@@ -159,7 +159,7 @@ class TrainConfig:
             if len(set(batches.values())) > 1:
                 listed = ", ".join(f"{p} {b}" for p, b in batches.items())
                 raise ConfigError(f"train.common.batch_mode is 'equal' but the global batches differ ({listed}; "
-                                  "batch_size x nproc): set train.<precision>.batch_size equal, or use batch_mode: max")
+                                  "batch_size x nproc): set train.<precision>.batch_size equal, or use batch_mode: configured or max")
 
     def for_precision(self, precision: str) -> TrainPrecision:
         _choice("precision", precision, PRECISIONS)

@@ -267,8 +267,8 @@ def choose_batch(params: Params, precision: str, vocab_size: int, device: torch.
                  train_studies: int, resumed_state: dict | None) -> tuple[int, float, str | None]:
     """(batch per process, learning-rate factor, probe summary) for ``train.common.batch_mode``.
 
-    ``equal``: ``train.<p>.batch_size`` (the config checks it is the same for every precision) at
-    the learning rates of params.yaml. ``max``: the largest batch whose training step fits
+    ``configured`` and ``equal``: ``train.<p>.batch_size`` (``equal``: the config checked it is the
+    same for every precision) at the learning rates of params.yaml. ``max``: the largest batch whose training step fits
     ``memory_budget_gb``, found by rank 0's probe (:func:`r2gen.batchsize.probe_max_batch`) and
     never above the training split (per process); the learning rates are rescaled from
     ``train.<p>.batch_size`` by ``lr_scaling``. A resumed run keeps the batch its first probe chose.
@@ -276,7 +276,7 @@ def choose_batch(params: Params, precision: str, vocab_size: int, device: torch.
     from r2gen.batchsize import default_budget_bytes, probe_max_batch, scaled_lr
 
     common, base = params.train.common, params.train.for_precision(precision).batch_size
-    if common.batch_mode == "equal":
+    if common.batch_mode != "max":
         return base, 1.0, None
     if resumed_state is not None and "batch_size" in resumed_state:
         batch, summary = resumed_state["batch_size"], resumed_state.get("batch_probe")

@@ -1,4 +1,4 @@
-"""batch_mode in training: equal keeps params.yaml's batch and learning rates; max trains at the probed
+"""batch_mode in training: configured and equal keep params.yaml's batches and learning rates; max trains at the probed
 batch with rescaled learning rates, records the probe, and a resumed run keeps its batch; the config
 refuses an "equal" mode whose batches differ. The probe itself is tested in test_batchsize.py."""
 
@@ -40,7 +40,7 @@ def fake_probe(batches: list[int], calls: list):
 
 
 def test_equal_mode_trains_at_the_configured_batch_and_learning_rates(tmp_path, tiny_data):
-    params = tiny_params(tiny_data["root"])
+    params = tiny_params(tiny_data["root"], train__common__batch_mode="equal")
     summary = train(params, "fp32", paths_in(tmp_path, tiny_data))
     assert summary["batch_mode"] == "equal" and summary["batch_size"] == 4 and summary["batch_probe"] is None
     assert summary["lr_ed"] == 1e-3 and summary["lr_ve"] == 1e-3 and summary["lr_scaling"] is None
@@ -92,15 +92,16 @@ def test_a_resumed_max_mode_run_keeps_the_batch_its_probe_chose(tmp_path, tiny_d
 
 
 def test_equal_mode_refuses_unequal_batches_and_names_the_fix():
-    with pytest.raises(ConfigError, match=r"batch_mode is 'equal' but the global batches differ .*fp8 8.*batch_mode: max"):
-        tiny_params(train__fp8__batch_size=8)
+    with pytest.raises(ConfigError, match=r"batch_mode is 'equal' but the global batches differ .*fp8 8.*batch_mode: configured or max"):
+        tiny_params(train__fp8__batch_size=8, train__common__batch_mode="equal")
     with pytest.raises(ConfigError, match=r"batch_mode is 'equal' .*fp16 8"):
-        tiny_params(train__fp16__nproc=2)  # 4 x 2 processes
-    assert tiny_params(train__fp8__batch_size=8, train__common__batch_mode="max").train.fp8.batch_size == 8
+        tiny_params(train__fp16__nproc=2, train__common__batch_mode="equal")  # 4 x 2 processes
+    for mode in ("configured", "max"):  # per-precision batches as set (configured), or probed (max)
+        assert tiny_params(train__fp8__batch_size=8, train__common__batch_mode=mode).train.fp8.batch_size == 8
 
 
 @pytest.mark.parametrize("key,value,message", [
-    ("train__common__batch_mode", "maximum", "must be one of: equal, max"),
+    ("train__common__batch_mode", "maximum", "must be one of: configured, equal, max"),
     ("train__common__lr_scaling", "square", "must be one of: sqrt, linear, none"),
     ("train__common__memory_budget_gb", 0, "memory_budget_gb must be positive or null"),
     ("exp_report__ttq_relative", -1, "ttq_relative must be positive"),
