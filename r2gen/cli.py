@@ -303,13 +303,16 @@ def cmd_exp_report(args: argparse.Namespace) -> int:
 def _missing_value_reasons(rules, precisions: list[str]) -> dict[str, dict[str, str]]:
     """{workspace metrics file: {key: its `<key>_error` text}} for the gated keys that state one."""
     reasons: dict[str, dict[str, str]] = {}
+    files: dict[str, object] = {}  # each metrics file read once, however many rules it serves
     for rule in rules:
         for p in precisions:
             path = rule.file.format(precision=p)
-            try:
-                data = json.loads(Path(path).read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue
+            if path not in files:
+                try:
+                    files[path] = json.loads(Path(path).read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    files[path] = None
+            data = files[path]
             why = data.get(f"{rule.key}_error") if isinstance(data, dict) else None
             if isinstance(why, str) and why:
                 reasons.setdefault(path, {})[rule.key] = why

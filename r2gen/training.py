@@ -459,7 +459,7 @@ def _train(params: Params, precision: str, paths: TrainPaths, world: World, devi
                 state["timed_samples"] += batch_samples  # global samples: the whole DDP step
                 state["timed_seconds"] += dt
             state["wall_seconds"] += dt
-            state["samples"] = state.get("samples", 0) + batch_samples
+            state["samples"] += batch_samples
             if not finite:
                 state["nonfinite_steps"] += 1
             consecutive_nonfinite = 0 if stepped else consecutive_nonfinite + 1
@@ -486,7 +486,7 @@ def _train(params: Params, precision: str, paths: TrainPaths, world: World, devi
         train_loss = epoch_loss / max(epoch_n, 1)
         state["epoch_losses"].append(train_loss)
         # Samples and seconds so far: time to quality (r2gen exp-report) reads them beside val_loss.
-        epoch_metrics = {"epoch/train_loss": train_loss, "epoch/samples": state.get("samples", 0),
+        epoch_metrics = {"epoch/train_loss": train_loss, "epoch/samples": state["samples"],
                          "epoch/train_seconds": state["wall_seconds"]}
         if common.validate == "every_epoch" or state["epoch"] == common.epochs:
             val_loss = evaluate_loss(raw_model, val_batches, plan, world)
