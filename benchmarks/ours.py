@@ -28,13 +28,13 @@ from r2gen.tokenizer import Tokenizer
 from r2gen.training import StudyBatches, build_optimizer, seed_everything
 
 
-def params_for(profile: Profile, threads: int, seed: int) -> Params:
-    """The paper's optimiser settings around the profile's model."""
+def params_for(profile: Profile, threads: int, seed: int, model: dict | None = None) -> Params:
+    """The paper's optimiser settings around the profile's model (``model``: options of a --variant)."""
     return Params.from_dict({
         "seed": seed, "threads": threads,
         "data": {"image_size": profile.image_size},
         "tokenizer": {"max_seq_length": profile.max_len},
-        "model": profile.model,
+        "model": {**profile.model, **(model or {})},
         "train": {"common": {"lr_ve": 5e-5, "lr_ed": 1e-4, "weight_decay": 5e-5, "amsgrad": True,
                              "grad_clip_value": 0.1}},
     }, source="benchmark profile")
@@ -49,7 +49,7 @@ class Setup:
         self.device = prec.select_device(spec["device"])
         self.plan = prec.resolve(spec["precision"], "auto", self.device)
         prec.set_fp32_numerics(self.device)
-        self.params = params_for(self.profile, spec["threads"], spec["seed"])
+        self.params = params_for(self.profile, spec["threads"], spec["seed"], spec.get("model"))
         self.tokenizer = Tokenizer.load(spec["data"]["tokenizer"])
         self.prepared = spec["data"]["prepared"]
         seed_everything(spec["seed"])

@@ -3,6 +3,7 @@
     python -m benchmarks.run --profile sample                     # minutes on a CPU (make bench)
     python -m benchmarks.run --profile paper --reference-src ~/src/R2Gen
     python -m benchmarks.run --profile paper --impl before=/tmp/r2gen-old   # another checkout of ours
+    python -m benchmarks.run --profile paper --variant lowmem:visual_recompute=5  # a model option of ours
 
 Protocol:
 - Data: a synthetic IU X-Ray dataset (``r2gen.data.synthetic``, PNGs at ``profile.source_size``)
@@ -40,11 +41,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import fields
 from pathlib import Path
 
 from benchmarks import reference
 from benchmarks.measure import PROFILES, Profile, loadavg, thread_env
-from r2gen.config import PRECISIONS, DataConfig
+from r2gen.config import PRECISIONS, DataConfig, ModelConfig
 from r2gen.data.images import load_prepared, prepare_dataset
 from r2gen.data.synthetic import generate_sample
 from r2gen.errors import R2GenError
@@ -97,8 +99,33 @@ def run_worker(spec: dict, isolate: bool) -> dict:
         return {**json.loads(out_path.read_text(encoding="utf-8")), "isolated": True}
 
 
-def implementations(reference_src: str | None, impls: list[str], profile: Profile) -> tuple[list[dict], str | None]:
-    """[{label, impl, src}] to measure, and why the public code is not among them (or None)."""
+def _value(text: str):
+    """A --variant value: int, float, true/false/null, or the string itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_variant(item: str, profile: Profile) -> dict:
+    """``LABEL:KEY=VALUE[,KEY=VALUE]`` -> an implementation entry of ours with those model options."""
+    label, sep, assignments = item.partition(":")
+    pairs = [a.partition("=") for a in assignments.split(",")] if assignments else []
+    if not sep or not label or label in ("ours", "reference") or not pairs or any(not k or not e for k, e, _ in pairs):
+        raise R2GenError(f"--variant {item!r}: expected LABEL:KEY=VALUE[,KEY=VALUE] with model options, "
+                         "e.g. lowmem:visual_recompute=5")
+    overrides = {k: _value(v) for k, _, v in pairs}
+    unknown = sorted(set(overrides) - {f.name for f in fields(ModelConfig)})
+    if unknown:
+        raise R2GenError(f"--variant {item!r}: {', '.join(unknown)} is not a model option; "
+                         f"choose from {', '.join(f.name for f in fields(ModelConfig))}")
+    ModelConfig(**{**profile.model, **overrides})  # ConfigError (an R2GenError) names a bad value
+    return {"label": label, "impl": "ours", "src": None, "model": overrides}
+
+
+def implementations(reference_src: str | None, impls: list[str], profile: Profile,
+                    variants: list[str] = ()) -> tuple[list[dict], str | None]:
+    """[{label, impl, src[, model]}] to measure, and why the public code is not among them (or None)."""
     out = [{"label": "ours", "impl": "ours", "src": None}]
     for item in impls:
         label, sep, path = item.partition("=")
@@ -107,6 +134,10 @@ def implementations(reference_src: str | None, impls: list[str], profile: Profil
         if not (Path(path) / "r2gen" / "model" / "r2gen.py").is_file():
             raise R2GenError(f"--impl {label}={path}: no r2gen/model/r2gen.py there; point it at a checkout of this project")
         out.append({"label": label, "impl": "ours", "src": str(Path(path).resolve())})
+    out += [parse_variant(item, profile) for item in variants]
+    labels = [impl["label"] for impl in out]
+    if len(set(labels)) < len(labels):
+        raise R2GenError(f"--impl/--variant labels must differ, got {', '.join(labels[1:])}")
     skipped = None
     if reference_src is None:
         skipped = "no --reference-src given"
@@ -126,7 +157,7 @@ PHASES = ("train", "generate")
 
 def run_benchmark(profile: Profile, precisions: list[str], *, repeats: int = 3, threads: int = 1,
                   device: str = "cpu", reference_src: str | None = None, impls: list[str] = (),
-                  phases: list[str] = PHASES, work_dir: Path = Path("bench-results/data"), isolate: bool = True,
+                  variants: list[str] = (), phases: list[str] = PHASES, work_dir: Path = Path("bench-results/data"), isolate: bool = True,
                   log=print) -> dict:
     """Measure ``profile`` and return the results document (see the module docstring)."""
     bad = [p for p in precisions if p not in PRECISIONS]
@@ -136,7 +167,7 @@ def run_benchmark(profile: Profile, precisions: list[str], *, repeats: int = 3, 
         raise R2GenError(f"--phases {','.join(phases)}: each must be one of {', '.join(PHASES)}")
     if repeats < 1 or threads < 1:
         raise R2GenError("--repeats and --threads must be at least 1")
-    impl_list, reference_skipped = implementations(reference_src, list(impls), profile)
+    impl_list, reference_skipped = implementations(reference_src, list(impls), profile, list(variants))
     data = prepare_data(profile, Path(work_dir))
     base = {"profile": profile.to_dict(), "threads": threads, "device": device, "seed": SEED, "data": data,
             "phases": list(phases)}
@@ -242,6 +273,7 @@ def summarize(profile, precisions, threads, device, data, impl_list, reference_s
         "isolated": all(r.get("isolated", False) for r in runs),
         "data": data,
         "reference_skipped": reference_skipped,
+        "implementations": impl_list,
         "matmul_peak_gflops": matmul,
         "flops": {label: f for label, f in flops.items()},
         "results": results,
@@ -352,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference-src", help="a checkout of github.com/cuhksz-nlp/R2Gen to time side by side")
     parser.add_argument("--impl", action="append", default=[], metavar="LABEL=PATH",
                         help="another checkout of this project to time side by side (repeatable)")
+    parser.add_argument("--variant", action="append", default=[], metavar="LABEL:KEY=VALUE[,KEY=VALUE]",
+                        help="ours with these model options, e.g. lowmem:visual_recompute=5 (repeatable)")
     parser.add_argument("--out", default="bench-results", help="folder for <profile>.json (default bench-results)")
     parser.add_argument("--work-dir", default="bench-results/data", help="synthetic data and caches")
     parser.add_argument("--no-isolate", action="store_true", help="run in this process (peak memory is shared)")
@@ -366,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
             if not torch.cuda.is_available():
                 raise R2GenError("--device cuda but no CUDA device is usable; run with --device cpu")
         doc = run_benchmark(profile, precisions, repeats=args.repeats, threads=args.threads, device=args.device,
-                            reference_src=args.reference_src, impls=args.impl, phases=args.phases.split(","),
+                            reference_src=args.reference_src, impls=args.impl, variants=args.variant, phases=args.phases.split(","),
                             work_dir=Path(args.work_dir),
                             isolate=not args.no_isolate, log=lambda line: print(line, file=sys.stderr, flush=True))
     except R2GenError as exc:

@@ -79,9 +79,16 @@ class ModelConfig:
     rm_num_slots: int = 3
     rm_num_heads: int = 8
     rm_d_model: int = 512
+    # Training memory for time: the first N stages of the visual trunk (1 = the stem, 2 = + layer1,
+    # ... 5 = all four residual stages) keep only each residual block's input and re-run the block
+    # in the backward pass. Same values and gradients; one more forward pass of those stages.
+    visual_recompute: int = 0
 
     def __post_init__(self) -> None:
         _choice("model.visual_extractor", self.visual_extractor, VISUAL_EXTRACTORS)
+        if self.visual_recompute not in range(6):
+            raise ConfigError(f"model.visual_recompute must be 0 (off) to 5 (the stem and all four stages), "
+                              f"got {self.visual_recompute}")
         for name in ("visual_width", "d_model", "d_ff", "num_heads", "num_layers", "rm_num_slots",
                      "rm_num_heads", "rm_d_model"):
             _positive(f"model.{name}", getattr(self, name))

@@ -145,6 +145,30 @@ def test_impl_must_be_a_checkout_of_this_project(tmp_path, capsys):
     assert "no r2gen/model/r2gen.py there" in capsys.readouterr().err
 
 
+def test_a_variant_times_ours_with_other_model_options_in_the_same_run(tmp_path):
+    doc = run.run_benchmark(PROFILES["tiny"], ["fp32"], repeats=1, variants=["rc:visual_recompute=5"],
+                            phases=["train"], work_dir=tmp_path, isolate=False, log=lambda line: None)
+    assert [i["label"] for i in doc["implementations"]] == ["ours", "rc"]
+    assert doc["implementations"][1]["model"] == {"visual_recompute": 5}
+    assert doc["results"]["rc"]["fp32"]["train_samples_per_s"]["median"] > 0
+    assert doc["ratios"]["rc/ours"]["train_peak_memory_bytes"] > 0
+    # the counter sees every executed op: the variant's step includes its re-run convolutions
+    assert doc["flops"]["rc"]["train_per_sample"] > doc["flops"]["ours"]["train_per_sample"]
+
+
+@pytest.mark.parametrize("item,message", [
+    ("rc", "expected LABEL:KEY=VALUE"),
+    ("ours:visual_recompute=5", "expected LABEL:KEY=VALUE"),
+    ("rc:visual_recompte=5", "visual_recompte is not a model option; choose from"),
+    ("rc:visual_recompute=9", "model.visual_recompute must be 0 (off) to 5"),
+])
+def test_a_bad_variant_is_a_one_line_error(tmp_path, capsys, item, message):
+    code = run.main(["--profile", "tiny", "--no-isolate", "--variant", item,
+                     "--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "data")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and "\n" not in err
+
+
 def test_reference_is_skipped_for_a_profile_it_cannot_run():
     impls, skipped = run.implementations(None, [], PROFILES["sample"])
     assert [i["label"] for i in impls] == ["ours"] and skipped == "no --reference-src given"
@@ -186,10 +210,11 @@ def test_gpu_precisions_run_and_report_their_ratio_over_fp32(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # The optimisations the benchmark measures must not change the function.
 
-def test_recomputed_visual_stages_give_identical_gradients_and_running_stats():
+@pytest.mark.parametrize("name,recompute", [("resnet10", 3), ("resnet10", 5), ("resnet50", 2)])
+def test_recomputed_visual_stages_give_identical_gradients_and_running_stats(name, recompute):
     torch.manual_seed(0)
-    stored = VisualExtractor("resnet10", width=8)
-    recomputed = VisualExtractor("resnet10", width=8, recompute_stages=6)  # stem, layer1, layer2
+    stored = VisualExtractor(name, width=8)
+    recomputed = VisualExtractor(name, width=8, recompute=recompute)
     recomputed.load_state_dict(stored.state_dict())
     images = torch.randint(0, 256, (3, 2, 32, 32), dtype=torch.uint8)
     for model in (stored, recomputed):
@@ -200,3 +225,19 @@ def test_recomputed_visual_stages_give_identical_gradients_and_running_stats():
         assert torch.equal(a.grad, b.grad), name
     for (name, a), b in zip(stored.named_buffers(), recomputed.buffers()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("recompute,reruns", [(0, []), (2, ["stem", "layer1"]), (5, ["stem", "layer1", "layer4"])])
+def test_recompute_reruns_exactly_the_chosen_stages_in_the_backward(recompute, reruns):
+    """Peak memory is the benchmark's to measure; here: which stages' blocks run twice per step."""
+    model = VisualExtractor("resnet10", width=8, recompute=recompute)
+    trunk = model.trunk
+    probes = {"stem": trunk[0], "layer1": trunk[4][0].conv1, "layer4": trunk[7][0].conv1}
+    calls = dict.fromkeys(probes, 0)
+    for name, module in probes.items():
+        module.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+    patches, pooled = model(torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8))
+    assert set(calls.values()) == {1}
+    pooled.sum().backward()
+    assert {name for name, n in calls.items() if n == 2} == set(reruns)
+    assert all(n in (1, 2) for n in calls.values())

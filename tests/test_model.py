@@ -142,6 +142,37 @@ def overfit_model():
     return overfit()
 
 
+def test_visual_recompute_is_validated_and_reaches_the_extractor():
+    from r2gen.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model.visual_recompute must be 0 \(off\) to 5 .*got 6"):
+        ModelConfig(visual_recompute=6)
+    cfg = ModelConfig(**{**TINY.__dict__, "visual_recompute": 3})
+    assert R2Gen(cfg, vocab_size=12).visual.recompute == 3
+
+
+@pytest.mark.parametrize("name", ["resnet10", "resnet50"])  # BasicBlock and Bottleneck, with downsampling
+def test_eval_folds_batch_norm_into_the_convolutions_without_changing_the_features(name):
+    from r2gen.model.visual import VisualExtractor
+
+    torch.manual_seed(0)
+    visual = VisualExtractor(name, width=8)
+    images = torch.randint(0, 256, (4, 2, 32, 32), dtype=torch.uint8)
+    for _ in range(3):  # running statistics away from their initial 0/1
+        visual(images)
+    for m in visual.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+    visual.eval()
+    with torch.no_grad():
+        folded, pooled = visual(images)
+        maps = visual.trunk(visual._normalize(images.flatten(0, 1)))  # the modules' own eval forward
+    expected = maps.flatten(2).transpose(1, 2).reshape(folded.shape)
+    torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    torch.testing.assert_close(pooled, maps.mean((2, 3)).reshape(pooled.shape), rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
 def test_tiny_model_overfits_four_studies(overfit_model):
     model, images, labels, final_loss = overfit_model
     assert final_loss < 0.1

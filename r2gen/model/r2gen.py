@@ -139,7 +139,7 @@ class R2Gen(nn.Module):
         """``vocab_size``: number of output classes, id 0 (BOS/EOS/PAD) included."""
         super().__init__()
         self.cfg, self.vocab_size = cfg, vocab_size
-        self.visual = VisualExtractor(cfg.visual_extractor, cfg.visual_width)
+        self.visual = VisualExtractor(cfg.visual_extractor, cfg.visual_width, cfg.visual_recompute)
         # R2Gen's att_embed: [BN] Linear ReLU Dropout [BN]. The public code's BatchNorm1d options
         # (use_bn) crash on its (B, tokens, C) input; TokenBatchNorm normalises each channel over
         # all tokens of the batch, which is what they were meant to do.

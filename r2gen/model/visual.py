@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 from torch.utils.checkpoint import checkpoint
 from torchvision.models.resnet import BasicBlock, Bottleneck
@@ -151,23 +152,60 @@ def _batch_norm_stats_frozen(module: nn.Module):
             m.num_batches_tracked.copy_(count)
 
 
+def _conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """``bn(conv(x))`` with BatchNorm's running statistics folded into the convolution's weight and bias.
+
+    In eval mode BatchNorm is a per-channel affine map, so ``w * s`` and ``beta - mean * s`` with
+    ``s = gamma / sqrt(var + eps)`` give the same values up to float rounding, without the separate
+    pass over every feature map. Folded from the live parameters at each call (a few ms for a
+    ResNet101), so nothing goes stale while training updates them.
+    """
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    weight = conv.weight * scale.view(-1, 1, 1, 1)
+    bias = bn.bias - bn.running_mean * scale
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _folded_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """torchvision's BasicBlock / Bottleneck forward in eval mode, with folded BatchNorms."""
+    out = _conv_bn(block.conv1, block.bn1, x).relu_()
+    if isinstance(block, Bottleneck):
+        out = _conv_bn(block.conv2, block.bn2, out).relu_()
+        out = _conv_bn(block.conv3, block.bn3, out)
+    else:
+        out = _conv_bn(block.conv2, block.bn2, out)
+    identity = x if block.downsample is None else _conv_bn(block.downsample[0], block.downsample[1], x)
+    return out.add_(identity).relu_()
+
+
+def folded_trunk_forward(trunk: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``trunk(x)`` in eval mode with every BatchNorm folded into its convolution (inference only)."""
+    conv, bn, _, pool = trunk[:4]
+    x = pool(_conv_bn(conv, bn, x).relu_())
+    for stage in trunk[4:]:
+        for block in stage:
+            x = _folded_block(block, x)
+    return x
+
+
 class VisualExtractor(nn.Module):
     """uint8 grayscale views ``(B, V, H, W)`` -> patch tokens ``(B, V*h*w, C)`` and pooled ``(B, V*C)``.
 
-    ``recompute_stages``: in training, the first that many children of the trunk (4 = the stem,
-    5 = stem and layer1, 6 = up to layer2) keep only their inputs for the backward pass and are
-    re-run there, one stage at a time, instead of storing their activations: the high-resolution
-    maps, which take the most memory per FLOP. Same values and gradients (BatchNorm running
-    statistics are updated once); the price is one more forward pass of those stages.
+    ``recompute``: in training, the first that many stages of the trunk (1 = the stem, 2 = stem and
+    layer1, ... 5 = all) keep only the input of each residual block (and of the stem) for the
+    backward pass and re-run that block there, instead of storing its activations; the
+    high-resolution stages come first because they take the most memory per FLOP. Same values and
+    gradients (BatchNorm running statistics are updated once); the price is one more forward pass
+    of those stages. In eval mode the BatchNorms are folded into the convolutions.
     """
 
-    def __init__(self, name: str, width: int = 64, recompute_stages: int = 0):
+    def __init__(self, name: str, width: int = 64, recompute: int = 0):
         super().__init__()
         # Channels-last: oneDNN's convolutions (above all the 1x1 ones at 56x56 and 28x28) and
         # BatchNorm run markedly faster on NHWC than on NCHW on CPU; the values are the same convolutions.
         self.trunk = build_resnet_trunk(name, width).to(memory_format=torch.channels_last)
         self.out_channels = self.trunk.out_channels
-        self.recompute_stages = recompute_stages
+        self.recompute = recompute
         # Grayscale is replicated to RGB and ImageNet-normalised, as torchvision's transforms do in R2Gen.
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -179,15 +217,20 @@ class VisualExtractor(nn.Module):
     def _features(self, views: torch.Tensor) -> torch.Tensor:
         """uint8 views (N, H, W) -> last feature map (N, C, h, w)."""
         x = self._normalize(views)
-        n = self.recompute_stages
-        if not (n and self.training and torch.is_grad_enabled()):
+        if not self.training:
+            return folded_trunk_forward(self.trunk, x)
+        if not (self.recompute and torch.is_grad_enabled()):
             return self.trunk(x)
-        # One checkpoint per stage (the stem is children 0-3), so that the backward re-creates one
-        # stage's activations at a time.
-        for part in [self.trunk[: min(n, 4)], *self.trunk[4:n]]:
+        # One checkpoint per residual block (the stem, children 0-3, is one), so the backward
+        # re-creates one block's activations at a time.
+        stem, stages = self.trunk[:4], list(self.trunk[4:])
+        segments = [stem] + [block for stage in stages[: self.recompute - 1] for block in stage]
+        for part in segments:
             x = checkpoint(part, x, use_reentrant=False,
                            context_fn=lambda part=part: (contextlib.nullcontext(), _batch_norm_stats_frozen(part)))
-        return self.trunk[n:](x)
+        for stage in stages[max(self.recompute - 1, 0):]:
+            x = stage(x)
+        return x
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, V = images.shape[:2]
