@@ -283,7 +283,8 @@ def summarize(profile, precisions, threads, device, data, impl_list, reference_s
 
 
 def ratios(results: dict, precisions: list[str]) -> dict:
-    """ours/reference (fp32), other checkouts/ours (fp32), and each precision over fp32 (ours)."""
+    """ours/reference (fp32), other checkouts and variants over ours and over the reference (fp32),
+    and each precision over fp32 (ours)."""
     def ratio(a: dict | None, b: dict | None, key: str) -> float | None:
         if not a or not b or a.get(key) is None or b.get(key) is None:
             return None
@@ -299,6 +300,9 @@ def ratios(results: dict, precisions: list[str]) -> dict:
         name = "ours/reference" if label == "reference" else f"{label}/ours"
         a, b = (ours, per_impl.get("fp32")) if label == "reference" else (per_impl.get("fp32"), ours)
         out[name] = {k: ratio(a, b, k) for k in keys}
+        if label != "reference" and "reference" in results:  # a variant against the issue's targets
+            out[f"{label}/reference"] = {k: ratio(per_impl.get("fp32"), results["reference"].get("fp32"), k)
+                                         for k in keys}
     for precision in precisions:
         if precision != "fp32" and "fp32" in precisions:
             out[f"{precision}/fp32"] = {k: ratio(results["ours"][precision], ours, k)

@@ -27,7 +27,9 @@ import torch
 from benchmarks.measure import count_flops, matmul_peak, set_threads
 from r2gen.model.visual import build_resnet_trunk, folded_trunk_forward
 
-KINDS = {"convolution": ("convolution",), "batch_norm": ("batch_norm",), "relu": ("relu", "threshold")}
+# aten operator name fragments: oneDNN (mkldnn_convolution, convolution_backward) and ATen's own
+# im2col kernels (_slow_conv2d_forward/backward), which the CPU dispatcher picks for some layers.
+KINDS = {"convolution": ("conv",), "batch_norm": ("batch_norm",), "relu": ("relu", "threshold")}
 
 
 def _seconds(fn) -> float:
@@ -43,14 +45,19 @@ def op_shares(trunk: torch.nn.Module, x: torch.Tensor) -> dict:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         trunk(x).mean().backward()
     totals = dict.fromkeys([*KINDS, "other"], 0.0)
+    others: dict[str, float] = {}
     for event in prof.key_averages():
         if not event.key.startswith("aten::"):
             continue
         kind = next((k for k, words in KINDS.items() if any(w in event.key for w in words)), "other")
         totals[kind] += event.self_cpu_time_total
+        if kind == "other":
+            others[event.key] = event.self_cpu_time_total
     total = sum(totals.values())
     shares = {k: v / total for k, v in totals.items()}
-    return {"shares": shares, "conv_only_ceiling": 1 / shares["convolution"]}
+    top = sorted(others.items(), key=lambda kv: -kv[1])[:5]
+    return {"shares": shares, "conv_only_ceiling": 1 / shares["convolution"],
+            "largest_other": {k: v / total for k, v in top}}
 
 
 def measure(name: str = "resnet101", batch: int = 8, size: int = 224, width: int = 64, rounds: int = 3,
@@ -122,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     shares = r["train_step_profile"]["shares"]
     print("  training step time: " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items())
           + f"; convolutions alone would be {r['train_step_profile']['conv_only_ceiling']:.2f}x faster")
+    print("  largest of the rest: " + ", ".join(f"{k} {v:.0%}" for k, v in r["train_step_profile"]["largest_other"].items()))
     print(f"  eval: folded vs modules differ by at most {r['eval_max_relative_difference']:.2g} of the largest value")
     if args.out:
         from pathlib import Path

@@ -156,6 +156,20 @@ def test_a_variant_times_ours_with_other_model_options_in_the_same_run(tmp_path)
     assert doc["flops"]["rc"]["train_per_sample"] > doc["flops"]["ours"]["train_per_sample"]
 
 
+def test_ratios_put_variants_against_ours_and_the_reference():
+    def entry(train, mem):
+        return {"train_samples_per_s": {"median": train}, "train_peak_memory_bytes": {"median": mem}}
+
+    results = {"ours": {"fp32": entry(1.0, 8.0)}, "lowmem": {"fp32": entry(0.8, 4.0)},
+               "reference": {"fp32": entry(0.5, 10.0)}}
+    r = run.ratios(results, ["fp32"])
+    assert r["ours/reference"]["train_samples_per_s"] == 2.0
+    assert r["lowmem/ours"]["train_peak_memory_bytes"] == 0.5
+    assert r["lowmem/reference"]["train_samples_per_s"] == pytest.approx(1.6)
+    assert r["lowmem/reference"]["train_peak_memory_bytes"] == pytest.approx(0.4)
+    assert r["lowmem/reference"]["generate_reports_per_s"] is None
+
+
 @pytest.mark.parametrize("item,message", [
     ("rc", "expected LABEL:KEY=VALUE"),
     ("ours:visual_recompute=5", "expected LABEL:KEY=VALUE"),
