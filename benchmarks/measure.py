@@ -169,32 +169,36 @@ def count_flops(fn) -> tuple[int, object]:
 
 
 # ------------------------------------------------------------------------------------- GEMM peak
+def _matmul_seconds(a: torch.Tensor, b: torch.Tensor, dev: torch.device) -> float:
+    synchronize(dev)
+    start = time.perf_counter()
+    a @ b
+    synchronize(dev)
+    return time.perf_counter() - start
+
+
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5, device: str = "cpu",
                 max_seconds: float = 20.0) -> dict:
     """Achieved GFLOP/s of an n x n x n matmul at the current thread count (median of ``repeats``).
 
-    ``n`` is halved until one product takes under ``max_seconds / repeats``: on a CPU without fast
-    kernels for ``dtype`` (bf16 on AVX2) a 2048 product takes minutes.
+    A 256-side product first estimates the rate, and ``n`` is halved until ``repeats`` products
+    fit in ``max_seconds``: on a CPU without fast kernels for ``dtype`` (bf16 on AVX2) a 2048
+    product takes tens of seconds.
     """
     dev = torch.device(device)
-    while True:
-        a = torch.randn(n, n, device=dev).to(dtype)
-        b = torch.randn(n, n, device=dev).to(dtype)
-        a @ b  # warm-up: kernel selection, page faults
-        synchronize(dev)
-        start = time.perf_counter()
-        a @ b
-        synchronize(dev)
-        first = time.perf_counter() - start
-        if first * repeats <= max_seconds or n <= 128:
-            break
+
+    def operands(side: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(side, side, device=dev).to(dtype), torch.randn(side, side, device=dev).to(dtype)
+
+    probe = min(n, 256)
+    a, b = operands(probe)
+    a @ b  # warm-up: kernel selection, page faults
+    rate = 2 * probe**3 / max(_matmul_seconds(a, b, dev), 1e-9)  # FLOP/s
+    while n > 128 and 2 * n**3 / rate * repeats > max_seconds:
         n //= 2
-    seconds = [first]
-    for _ in range(repeats - 1):
-        start = time.perf_counter()
-        a @ b
-        synchronize(dev)
-        seconds.append(time.perf_counter() - start)
+    a, b = operands(n)
+    a @ b
+    seconds = [_matmul_seconds(a, b, dev) for _ in range(repeats)]
     gflops = [2 * n**3 / s / 1e9 for s in seconds]
     return {"dtype": str(dtype).removeprefix("torch."), "n": n, "gflops": statistics.median(gflops),
             "runs": gflops}
