@@ -169,11 +169,12 @@ def count_flops(fn) -> tuple[int, object]:
 
 
 # ------------------------------------------------------------------------------------- GEMM peak
-def _matmul_seconds(a: torch.Tensor, b: torch.Tensor, dev: torch.device) -> float:
-    synchronize(dev)
+def seconds(fn, device: torch.device = torch.device("cpu")) -> float:
+    """Wall seconds of ``fn()``, with the device's queued work finished before and after."""
+    synchronize(device)
     start = time.perf_counter()
-    a @ b
-    synchronize(dev)
+    fn()
+    synchronize(device)
     return time.perf_counter() - start
 
 
@@ -193,12 +194,12 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5, device: str
     probe = min(n, 256)
     a, b = operands(probe)
     a @ b  # warm-up: kernel selection, page faults
-    rate = 2 * probe**3 / max(_matmul_seconds(a, b, dev), 1e-9)  # FLOP/s
+    rate = 2 * probe**3 / max(seconds(lambda: a @ b, dev), 1e-9)  # FLOP/s
     while n > 128 and 2 * n**3 / rate * repeats > max_seconds:
         n //= 2
     a, b = operands(n)
     a @ b
-    seconds = [_matmul_seconds(a, b, dev) for _ in range(repeats)]
-    gflops = [2 * n**3 / s / 1e9 for s in seconds]
+    runs = [seconds(lambda: a @ b, dev) for _ in range(repeats)]
+    gflops = [2 * n**3 / s / 1e9 for s in runs]
     return {"dtype": str(dtype).removeprefix("torch."), "n": n, "gflops": statistics.median(gflops),
             "runs": gflops}

@@ -157,8 +157,8 @@ PHASES = ("train", "generate")
 
 def run_benchmark(profile: Profile, precisions: list[str], *, repeats: int = 3, threads: int = 1,
                   device: str = "cpu", reference_src: str | None = None, impls: list[str] = (),
-                  variants: list[str] = (), phases: list[str] = PHASES, work_dir: Path = Path("bench-results/data"), isolate: bool = True,
-                  log=print) -> dict:
+                  variants: list[str] = (), phases: list[str] = PHASES, work_dir: Path = Path("bench-results/data"),
+                  isolate: bool = True, log=print) -> dict:
     """Measure ``profile`` and return the results document (see the module docstring)."""
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad or not precisions:
@@ -404,8 +404,8 @@ def main(argv: list[str] | None = None) -> int:
             if not torch.cuda.is_available():
                 raise R2GenError("--device cuda but no CUDA device is usable; run with --device cpu")
         doc = run_benchmark(profile, precisions, repeats=args.repeats, threads=args.threads, device=args.device,
-                            reference_src=args.reference_src, impls=args.impl, variants=args.variant, phases=args.phases.split(","),
-                            work_dir=Path(args.work_dir),
+                            reference_src=args.reference_src, impls=args.impl, variants=args.variant,
+                            phases=args.phases.split(","), work_dir=Path(args.work_dir),
                             isolate=not args.no_isolate, log=lambda line: print(line, file=sys.stderr, flush=True))
     except R2GenError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -20,22 +20,17 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
+from pathlib import Path
 
 import torch
 
-from benchmarks.measure import count_flops, matmul_peak, set_threads
+from benchmarks.measure import count_flops, matmul_peak, seconds, set_threads
+from r2gen.io import write_json
 from r2gen.model.visual import build_resnet_trunk, folded_trunk_forward
 
 # aten operator name fragments: oneDNN (mkldnn_convolution, convolution_backward) and ATen's own
 # im2col kernels (_slow_conv2d_forward/backward), which the CPU dispatcher picks for some layers.
 KINDS = {"convolution": ("conv",), "batch_norm": ("batch_norm",), "relu": ("relu", "threshold")}
-
-
-def _seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def op_shares(trunk: torch.nn.Module, x: torch.Tensor) -> dict:
@@ -72,7 +67,7 @@ def measure(name: str = "resnet101", batch: int = 8, size: int = 224, width: int
                  "threads": torch.get_num_threads()}
     if compile_:
         compiled = torch.compile(copy.deepcopy(cl))
-        out["compile_seconds"] = _seconds(lambda: compiled(x_cl).mean().backward())
+        out["compile_seconds"] = seconds(lambda: compiled(x_cl).mean().backward())
         train["compiled"] = lambda: compiled(x_cl).mean().backward()
     flops = {"train": count_flops(train["channels_last"])[0]}
     with torch.no_grad():
@@ -87,11 +82,11 @@ def measure(name: str = "resnet101", batch: int = 8, size: int = 224, width: int
         diff = ((expected - evaluation["folded"]()).abs().max() / expected.abs().max()).item()
         for _ in range(rounds):
             for k, fn in evaluation.items():
-                times[f"eval_{k}"].append(_seconds(fn))
+                times[f"eval_{k}"].append(seconds(fn))
     cl.train()
     for _ in range(rounds):
         for k, fn in train.items():
-            times[f"train_{k}"].append(_seconds(fn))
+            times[f"train_{k}"].append(seconds(fn))
     medians = {k: statistics.median(v) for k, v in times.items()}
     out["seconds"] = {k: {"median": medians[k], "runs": v} for k, v in times.items()}
     out["gflops"] = {k: flops[k.split("_")[0]] / medians[k] / 1e9 for k in medians}
@@ -132,10 +127,6 @@ def main(argv: list[str] | None = None) -> int:
     print("  largest of the rest: " + ", ".join(f"{k} {v:.0%}" for k, v in r["train_step_profile"]["largest_other"].items()))
     print(f"  eval: folded vs modules differ by at most {r['eval_max_relative_difference']:.2g} of the largest value")
     if args.out:
-        from pathlib import Path
-
-        from r2gen.io import write_json
-
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_json(Path(args.out), r)
         print(f"written: {args.out}")

@@ -223,14 +223,12 @@ class VisualExtractor(nn.Module):
             return self.trunk(x)
         # One checkpoint per residual block (the stem, children 0-3, is one), so the backward
         # re-creates one block's activations at a time.
-        stem, stages = self.trunk[:4], list(self.trunk[4:])
-        segments = [stem] + [block for stage in stages[: self.recompute - 1] for block in stage]
+        end = 3 + self.recompute  # children 0-3 are the stem, 4-7 the residual stages
+        segments = [self.trunk[:4]] + [block for stage in self.trunk[4:end] for block in stage]
         for part in segments:
             x = checkpoint(part, x, use_reentrant=False,
                            context_fn=lambda part=part: (contextlib.nullcontext(), _batch_norm_stats_frozen(part)))
-        for stage in stages[max(self.recompute - 1, 0):]:
-            x = stage(x)
-        return x
+        return self.trunk[end:](x)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, V = images.shape[:2]
