@@ -18,7 +18,8 @@ import torch
 
 from r2gen.checkpoint import build_model, load_model_file
 from r2gen.data.images import load_prepared
-from r2gen.decoding import FullRecomputeStepper, IncrementalStepper, beam_search
+from r2gen.decoding import beam_search
+from r2gen.model.r2gen import FullRecomputeStepper, IncrementalStepper
 
 
 def compare(model, images: torch.Tensor, num_beams: int = 3, max_len: int = 60, rounds: int = 3) -> dict:

@@ -22,8 +22,8 @@ from benchmarks.measure import (LoadMonitor, Profile, count_flops, peak_memory, 
 from r2gen import precision as prec
 from r2gen.config import Params
 from r2gen.data.images import load_prepared
-from r2gen.decoding import IncrementalStepper, beam_search
-from r2gen.model.r2gen import R2Gen
+from r2gen.decoding import beam_search
+from r2gen.model.r2gen import IncrementalStepper, R2Gen
 from r2gen.tokenizer import Tokenizer
 from r2gen.training import StudyBatches, build_optimizer, seed_everything
 

@@ -1,4 +1,4 @@
-"""Batched beam search with R2Gen's exact semantics, over an incremental or a full-recompute stepper.
+"""Batched beam search with R2Gen's exact semantics, over any :class:`Stepper` (incremental or full recompute).
 
 R2Gen's search (ruotianluo's ``beam_search`` with group_size 1, R2GEN_NOTES.md §7):
 - step 0 feeds BOS (id 0) for each study; every step adds the new log-probabilities to the running
@@ -18,46 +18,34 @@ This cannot change the result; the full-recompute reference runs every step with
 
 from __future__ import annotations
 
-import torch
+from typing import Protocol
 
-from r2gen.model.r2gen import R2Gen
+import torch
 
 EOS = 0
 FINISHED_PENALTY = 1000.0
 
 
-class IncrementalStepper:
-    """Carries the relational memory, MCLN conditioning and self-attention K/V between steps."""
+class Stepper(Protocol):
+    """What the search needs from a model: rows of partial sequences it can extend and reorder.
 
-    def __init__(self, model: R2Gen, src: torch.Tensor, max_len: int):
-        self.model, self.device = model, src.device
-        self.cache = model.init_cache(src, max_len)
+    The model provides it (``r2gen.model.r2gen.IncrementalStepper``, and ``FullRecomputeStepper``, the
+    public code's way, as the reference); this module never imports the model.
+    """
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model.decode_step(tokens, self.cache)
-
-    def select(self, index: torch.Tensor) -> None:
-        self.cache.select(index)
-
-
-class FullRecomputeStepper:
-    """The public code's way: re-run memory and decoder over the whole prefix at every step."""
-
-    def __init__(self, model: R2Gen, src: torch.Tensor):
-        self.model, self.src, self.device = model, src, src.device
-        self.prefix = src.new_zeros((src.shape[0], 0), dtype=torch.long)
+    device: torch.device  # where the search puts its token tensors
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        self.prefix = torch.cat([self.prefix, tokens.unsqueeze(1)], dim=1)
-        return self.model.decode_full(self.src, self.prefix, pad_mask=False)[:, -1]
+        """Feed one token per row: tokens (N,) -> next-token log-probabilities (N, V)."""
+        ...
 
     def select(self, index: torch.Tensor) -> None:
-        index = index.reshape(-1)
-        self.src, self.prefix = self.src[index], self.prefix[index]
+        """Keep/reorder/duplicate rows: ``index`` (A, k) gives, for each new row, its old row."""
+        ...
 
 
 @torch.no_grad()
-def beam_search(stepper, batch_size: int, num_beams: int, max_len: int, early_exit: bool = True) -> torch.Tensor:
+def beam_search(stepper: Stepper, batch_size: int, num_beams: int, max_len: int, early_exit: bool = True) -> torch.Tensor:
     """Best sequence per study (B, L) including its EOS, 0-padded. ``num_beams=1`` is greedy.
 
     ``stepper.step(tokens (N,)) -> logprobs (N, V)`` advances every row by one token;

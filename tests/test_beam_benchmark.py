@@ -7,8 +7,7 @@ import torch
 
 from benchmarks import beam
 from conftest import tiny_params
-from r2gen.decoding import FullRecomputeStepper
-from r2gen.model.r2gen import R2Gen
+from r2gen.model.r2gen import FullRecomputeStepper, R2Gen
 
 
 @pytest.fixture()

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from r2gen.config import ModelConfig
-from r2gen.decoding import FullRecomputeStepper, IncrementalStepper, beam_search
-from r2gen.model.r2gen import R2Gen
+from r2gen.decoding import beam_search
+from r2gen.model.r2gen import FullRecomputeStepper, IncrementalStepper, R2Gen
 
 torch.set_num_threads(1)
 

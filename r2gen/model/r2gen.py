@@ -2,7 +2,7 @@
 
 ``model(images, labels)`` returns the teacher-forced log-probabilities and R2Gen's loss;
 ``model.generate(images, num_beams=3, max_new_tokens=60)`` runs R2Gen's beam search with
-incremental decoding (see r2gen.decoding).
+incremental decoding (``IncrementalStepper`` below, driven by r2gen.decoding).
 
 Token ids: 0 is BOS, EOS and PAD at once (as in the public code); ``labels`` are
 ``[0, w1..wn, 0, 0...]`` padded with 0, and the loss covers w1..wn and the EOS.
@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from r2gen.config import ModelConfig
+from r2gen.decoding import beam_search
 from r2gen.model.memory import ConditionalLayerNorm, RelationalMemory
 from r2gen.model.transformer import Encoder, FeedForward, LayerNorm, MultiHeadAttention, TokenEmbedding
 from r2gen.model.visual import VisualExtractor, load_pretrained
@@ -134,6 +135,37 @@ class DecodeCache:
         self.beams = index.shape[1]
 
 
+class IncrementalStepper:
+    """The search's stepper (r2gen.decoding.Stepper): carries the relational memory, MCLN conditioning
+    and self-attention K/V between steps."""
+
+    def __init__(self, model: R2Gen, src: torch.Tensor, max_len: int):
+        self.model, self.device = model, src.device
+        self.cache = model.init_cache(src, max_len)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.decode_step(tokens, self.cache)
+
+    def select(self, index: torch.Tensor) -> None:
+        self.cache.select(index)
+
+
+class FullRecomputeStepper:
+    """The public code's way: re-run memory and decoder over the whole prefix at every step."""
+
+    def __init__(self, model: R2Gen, src: torch.Tensor):
+        self.model, self.src, self.device = model, src, src.device
+        self.prefix = src.new_zeros((src.shape[0], 0), dtype=torch.long)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.prefix = torch.cat([self.prefix, tokens.unsqueeze(1)], dim=1)
+        return self.model.decode_full(self.src, self.prefix, pad_mask=False)[:, -1]
+
+    def select(self, index: torch.Tensor) -> None:
+        index = index.reshape(-1)
+        self.src, self.prefix = self.src[index], self.prefix[index]
+
+
 class R2Gen(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         """``vocab_size``: number of output classes, id 0 (BOS/EOS/PAD) included."""
@@ -244,8 +276,6 @@ class R2Gen(nn.Module):
         ``num_beams=1`` is greedy decoding. R2Gen's semantics: no length penalty, finished beams
         kept with a -1000 penalty on their running score, best by summed log-probability.
         """
-        from r2gen.decoding import IncrementalStepper, beam_search
-
         was_training = self.training
         self.eval()
         try:
