@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import r2gen.batchsize as batchsize
-from conftest import tiny_params
+from helpers import tiny_params
 from r2gen.batchsize import Probe, ProbeResult
 from r2gen.errors import ConfigError
 from r2gen.model.r2gen import R2Gen

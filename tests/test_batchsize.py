@@ -10,9 +10,10 @@ import torch
 
 from r2gen.batchsize import (LR_RULES, OutOfMemory, cuda_try_batch, find_max_batch, r2gen_step, scaled_lr,
                              subprocess_try_batch)
+from r2gen.config import PRECISIONS
 from r2gen.errors import ConfigError, R2GenError
 
-from conftest import tiny_params
+from helpers import tiny_params
 
 MIB = 2**20
 
@@ -111,7 +112,7 @@ def test_unknown_learning_rate_rule_names_the_valid_ones():
         scaled_lr(1e-4, 16, 32, "squareroot")
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16", "fp8"])
+@pytest.mark.parametrize("precision", PRECISIONS)
 def test_r2gen_probe_step_trains_at_every_precision_and_any_batch(precision):
     step = r2gen_step(tiny_params(), precision, vocab_size=30, device="cpu", steps=1)
     step(3)

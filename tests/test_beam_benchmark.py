@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from benchmarks import beam
-from conftest import tiny_params
+from helpers import tiny_params
 from r2gen.model.r2gen import FullRecomputeStepper, R2Gen
 
 

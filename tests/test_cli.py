@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, tiny_params
+from helpers import REPO, tiny_params
 from r2gen.checkpoint import FORMAT, build_model, load_model_file
 from r2gen.cli import main
 from r2gen.data.images import load_view

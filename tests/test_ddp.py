@@ -21,16 +21,15 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from conftest import REPO, tiny_params
+from helpers import REPO, paths_in, step_losses, tiny_params
 from r2gen.checkpoint import load_model_file, load_torch
-from r2gen.config import to_dict
+from r2gen.config import PRECISIONS, to_dict
 from r2gen.data.images import load_prepared
 from r2gen.distributed import SyncedBatchNorm2d, World, requested_nproc, sync_batch_norms
 from r2gen.errors import ConfigError
 from r2gen.tokenizer import Tokenizer
 from r2gen.model.r2gen import R2Gen
 from r2gen.training import StudyBatches, global_batch_loss, train
-from test_training import paths_in, step_losses
 
 # Two ranks with batch 2 against one process with batch 4, dropout off (each rank draws its own
 # dropout masks). What remains is float summation order (all-reduced sums, BatchNorm statistics from
@@ -47,7 +46,7 @@ TIMING_KEYS = {"samples_per_s", "train_seconds", "peak_memory_bytes", "peak_memo
 
 def no_dropout_params(root: Path, batch_size: int):
     return tiny_params(root, model__dropout=0.0, model__drop_prob_lm=0.0, train__common__epochs=EPOCHS,
-                       **{f"train__{p}__batch_size": batch_size for p in ("fp32", "fp16", "bf16", "fp8")})
+                       **{f"train__{p}__batch_size": batch_size for p in PRECISIONS})
 
 
 def stage(workdir: Path, tiny_data: dict, nproc: int, **popen) -> subprocess.Popen:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from r2gen.config import PRECISIONS
 from r2gen.errors import R2GenError
 from r2gen.experiments import (SPEED_FLAG, History, QualityTarget, analyse, betainc, build_report, conclusions,
                                detectable_difference, group_experiments, load_history, one_sample_test,
@@ -23,7 +24,6 @@ from r2gen.experiments import (SPEED_FLAG, History, QualityTarget, analyse, beta
                                welch_test)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "experiments"
-PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 

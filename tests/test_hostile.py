@@ -31,7 +31,7 @@ import pytest
 import torch
 from PIL import EpsImagePlugin, Image
 
-from conftest import REPO, tiny_params
+from helpers import REPO, tiny_params
 from r2gen.checkpoint import FORMAT, build_model, load_model_file
 from r2gen.cli import main
 from r2gen.config import DataConfig

@@ -7,66 +7,16 @@ sample data pulled from the in-repo remote. Marked `pipeline` (minutes, not seco
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import TINY, copy_repo, sh
 
-REPO = Path(__file__).resolve().parents[1]
-PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
+from r2gen.config import PRECISIONS
 
 pytestmark = pytest.mark.pipeline
-
-# Small enough for a few minutes on 2 cores, with every stage and precision still exercised.
-TINY = {
-    "data": {"image_size": 32},
-    "model": {"visual_extractor": "resnet10", "visual_width": 8, "d_model": 32, "d_ff": 32, "num_heads": 4,
-              "num_layers": 1, "rm_num_heads": 4, "rm_d_model": 32},
-    "train": {"common": {"epochs": 1, "validate": "last"}},
-    "evaluate": {"num_beams": 2, "max_new_tokens": 30, "meteor": False},
-}
-
-
-def sh(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 1800) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
-           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def copy_repo(dest: Path, params_override: dict | None = None) -> Path:
-    """The working tree (tracked and untracked-not-ignored files) as a fresh git repo, data pulled."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split("\0")
-    for rel in filter(None, files):
-        src = REPO / rel
-        if src.is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    if params_override:
-        params = yaml.safe_load((dest / "params.yaml").read_text())
-        _merge(params, params_override)
-        (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sh(["git", "init", "-q"], dest)
-    sh(["git", "add", "-A"], dest)
-    sh(["git", "commit", "-qm", "copy"], dest)
-    sh(["dvc", "pull", "-q", "data.dvc"], dest)
-    return dest
-
-
-def _merge(base: dict, override: dict) -> None:
-    for key, value in override.items():
-        if isinstance(value, dict):
-            _merge(base.setdefault(key, {}), value)
-        else:
-            base[key] = value
 
 
 def declared_outputs(repo: Path) -> list[Path]:

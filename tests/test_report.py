@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from r2gen.config import PRECISIONS
 from r2gen.errors import R2GenError
 from r2gen.report import build_report, load_run, render_markdown, throughput_ratio, time_reduction
 
 FIXTURE = Path(__file__).parent / "fixtures" / "report"
 REPO = Path(__file__).resolve().parents[1]
-PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 LABELS = {"fp32": "fp32", "fp16": "fp16 (numerics only)", "bf16": "bf16", "fp8": "fp8 (emulated)"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from r2gen.checkpoint import load_model_file, load_torch
-from test_pipeline import TINY, copy_repo, sh
+from helpers import TINY, copy_repo, sh
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from dvclive.plots.metric import Metric
 
-from conftest import tiny_params
+from helpers import tiny_params
 from r2gen.checkpoint import build_model, load_model_file, load_torch
 from r2gen.errors import R2GenError
 from r2gen.model.r2gen import R2Gen
