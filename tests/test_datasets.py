@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from r2gen.config import DataConfig
+from r2gen.data import datasets as datasets_module
 from r2gen.data import images as images_module
 from r2gen.data.datasets import SPLITS, open_image, read_annotation, validate_dataset
 from r2gen.data.images import load_prepared, prepare_dataset
@@ -441,6 +442,15 @@ def test_prepare_writes_arrays_jsonl_and_summary(tmp_path):
     assert line == {"id": ann["train"][0]["id"], "report": ann["train"][0]["report"],
                     "image_path": ann["train"][0]["image_path"]}
     assert summary["bytes"] == sum((out / f"{s}.npy").stat().st_size for s in SPLITS)
+
+
+def test_prepare_parses_annotation_json_once(tmp_path, monkeypatch):
+    make_iu(tmp_path / "iu")
+    parsed = []
+    real = datasets_module._load_json
+    monkeypatch.setattr(datasets_module, "_load_json", lambda path: parsed.append(path) or real(path))
+    prepare_dataset(cfg(tmp_path / "iu"), tmp_path / "prepared")
+    assert parsed == [tmp_path / "iu" / "annotation.json"]
 
 
 def test_prepare_mimic_has_one_view(tmp_path):

@@ -164,7 +164,8 @@ def _study(entry: object, split: str, index: int, images: Path, path: Path) -> S
 
 
 def validate_dataset(
-    cfg: DataConfig, fixes: tuple[str, ...] = (), on_image: ImageSink | None = None
+    cfg: DataConfig, fixes: tuple[str, ...] = (), on_image: ImageSink | None = None,
+    studies: dict[str, list[Study]] | None = None,
 ) -> ValidationResult:
     """Check every study of ``cfg.root``; keep the good ones and stop at, or drop, the bad ones.
 
@@ -179,13 +180,15 @@ def validate_dataset(
         on_image: called from worker threads as ``on_image(study, view, image)`` with each fully
             decoded image (original mode), so that a caller can resize while the files are read
             once. A study may get calls for some views and then fail on a later one.
+        studies: ``read_annotation(cfg.root, cfg.dataset)`` when the caller has read it already.
 
     Raises:
         DataError: a problem with annotation.json or the images folder; with ``on_invalid: error``
             the first bad study (the message says how many others are bad); any split left empty.
     """
     fixes = check_fixes(fixes)
-    studies = read_annotation(cfg.root, cfg.dataset)
+    if studies is None:
+        studies = read_annotation(cfg.root, cfg.dataset)
     annotation = Path(cfg.root) / ANNOTATION
     images = Path(cfg.root) / IMAGES
     if not images.is_dir():

@@ -64,7 +64,7 @@ def prepare_dataset(cfg: DataConfig, out_dir: str | os.PathLike, fixes: tuple[st
         def store(study: Study, view: int, image: Image.Image) -> None:
             full[study.split][study.index, view] = resize(image, sizes[study.split], crop[study.split])
 
-        result = validate_dataset(cfg, fixes, on_image=store)
+        result = validate_dataset(cfg, fixes, on_image=store, studies=annotation)
 
         for split in SPLITS:
             _compact(tmp / f"{split}.npy", full.pop(split), [study.index for study in result.studies[split]])
