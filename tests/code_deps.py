@@ -302,32 +302,22 @@ def definitions(modules: Modules, stages: list[Stage]) -> dict[str, list[str]]:
 
 def rewrite(text: str, wanted: dict[str, list[str]]) -> str:
     """dvc.yaml's text with each stage's code deps (``- r2gen/...``, ``- stages/...``) replaced by ``wanted``,
-    at the place of the first one; comments, other deps and everything else unchanged."""
-    lines = text.splitlines(keepends=True)
+    first in its ``deps:`` list; comments, the other deps and everything else unchanged."""
     out: list[str] = []
-    stage = None
-    in_deps = False
-    deps_indent = 0
-    written: set[str] = set()
-    for line in lines:
-        stripped = line.strip()
-        indent = len(line) - len(line.lstrip())
-        if re.match(r"^  [A-Za-z_][\w-]*:\s*$", line.rstrip("\n")):
-            stage, in_deps = line.strip()[:-1], False
-        elif stripped == "deps:" and stage in wanted:
-            in_deps, deps_indent = True, indent
-            out.append(line)
-            continue
-        elif in_deps and stripped and not stripped.startswith("#") and indent <= deps_indent:
-            in_deps = False
-        if in_deps and stripped.startswith("- "):
-            item = stripped[2:].split("#")[0].strip().rstrip("/")
-            if item.startswith(CODE_PREFIXES):
-                if stage not in written:
-                    out += [f"{' ' * indent}- {d}\n" for d in wanted[stage]]
-                    written.add(stage)
-                continue
+    stage, item_indent = None, None  # the stage being read; the indent of its deps' items while in its deps
+    for line in text.splitlines(keepends=True):
+        stripped, indent = line.strip(), len(line) - len(line.lstrip())
+        if re.fullmatch(r"  [A-Za-z_][\w-]*:", line.rstrip()):
+            stage, item_indent = stripped[:-1], None
+        elif item_indent is not None and stripped and not stripped.startswith("#") and indent < item_indent:
+            item_indent = None  # the deps list has ended
+        if item_indent is not None and indent == item_indent and stripped.startswith("- "):
+            if stripped[2:].split("#")[0].strip().startswith(CODE_PREFIXES):
+                continue  # an old code dep: the new ones are in already
         out.append(line)
+        if stripped == "deps:" and stage in wanted:
+            item_indent = indent + 2
+            out += [f"{' ' * item_indent}- {d}\n" for d in wanted[stage]]
     return "".join(out)
 
 

@@ -10,6 +10,7 @@ Fix a failure with ``python tests/code_deps.py --write`` (rewrites the code deps
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import textwrap
 from pathlib import Path
 
@@ -55,12 +56,20 @@ def test_evaluate_depends_on_what_it_uses_of_the_tokenizer_training_precision_an
         assert path in needed, path
 
 
-def test_the_written_deps_pass_and_writing_again_changes_nothing(tmp_path):
+def test_dvc_yaml_code_deps_are_what_the_tool_writes():
     text = (REPO / "dvc.yaml").read_text()
-    once = rewrite(text, definitions(MODULES, STAGES))
-    assert rewrite(once, definitions(MODULES, STAGES)) == once
-    non_code = [ln for ln in text.splitlines() if not ln.strip().startswith(("- r2gen/", "- stages/"))]
-    assert [ln for ln in once.splitlines() if not ln.strip().startswith(("- r2gen/", "- stages/"))] == non_code
+    written = rewrite(text, definitions(MODULES, STAGES))
+    diff = "".join(difflib.unified_diff(text.splitlines(True), written.splitlines(True), "dvc.yaml", "written"))
+    assert written == text, f"{FIX}; it would change:\n{diff}"
+
+
+def test_writing_restores_a_removed_dep_and_keeps_every_other_line():
+    text = (REPO / "dvc.yaml").read_text()
+    lines = text.splitlines(keepends=True)
+    evaluate = lines.index("  evaluate:\n")
+    tokenizer = next(i for i in range(evaluate, len(lines)) if lines[i].strip() == "- r2gen/tokenizer.py")
+    damaged = "".join(lines[:tokenizer] + lines[tokenizer + 1:]).replace("stages/_common.py", "r2gen/gone.py")
+    assert rewrite(damaged, definitions(MODULES, STAGES)) == text
 
 
 def write_tree(root: Path, files: dict[str, str]) -> None:
