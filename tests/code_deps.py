@@ -131,7 +131,7 @@ def closure(modules: Modules, script: str) -> set[str]:
         for imp in modules.imports(path):
             for name in [*parents(imp.module), imp.module]:
                 target = modules.path_of(name, stage_context=in_stage)
-                if target is not None and (target.startswith(CODE_PREFIXES)) and target not in seen:
+                if target is not None and target.startswith(CODE_PREFIXES) and target not in seen:
                     todo.append(target)
     return seen
 
@@ -284,9 +284,9 @@ def minimal_deps(modules: Modules, needed: set[str]) -> list[str]:
     directories = sorted({str(Path(p).parent.as_posix()) for p in needed if p.startswith(f"{LIBRARY}/")},
                          key=lambda d: d.count("/"))
     for directory in directories:  # outermost first: a collapsed parent covers its children
+        if covered(directory, tuple(d for d in deps if not d.endswith(".py"))):
+            continue  # inside a directory listed already
         files = python_files(modules.repo, directory)
-        if covered(directory, tuple(deps - set(files))):
-            continue
         if files and all(f in needed for f in files):
             deps = {d for d in deps if not covered(d, (directory,))} | {directory}
     return sorted(deps, key=lambda d: (not d.startswith(f"{STAGES_DIR}/"), d == f"{STAGES_DIR}/_common.py", d))
