@@ -1,5 +1,5 @@
-"""Helpers shared by the test modules: tiny params, paths of a training run, and the copy-the-repo-and-run-dvc
-plumbing. Test modules import from here (``from helpers import tiny_params``), never from each other or
+"""Helpers shared by the test modules: tiny params, paths of a training run, the copy-the-repo-and-run-dvc
+plumbing, and hand-made PNG headers. Test modules import from here (``from helpers import tiny_params``), never from each other or
 from conftest.py, which holds the fixtures only.
 """
 
@@ -8,8 +8,10 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import yaml
@@ -101,3 +103,15 @@ def _merge(base: dict, override: dict) -> None:
             _merge(base.setdefault(key, {}), value)
         else:
             base[key] = value
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk with its length and a valid CRC."""
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_header(width: int, height: int, depth: int = 8, color: int = 0, interlace: int = 0,
+               idat: bytes = zlib.compress(b"\0" * 8)) -> bytes:
+    """A PNG whose IHDR says anything we like, with valid CRCs so that only the values are wrong."""
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, color, 0, 0, interlace)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import warnings
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import png_header
 from PIL import Image
 
 from r2gen.config import DataConfig
@@ -36,16 +35,6 @@ def png(path: Path, value: int = 128, size: tuple[int, int] = (32, 32), mode: st
     pixels = np.full((size[1], size[0]), value, dtype=np.uint8)
     image = Image.fromarray(pixels)
     (image.convert(mode) if mode != "L" else image).save(path)
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A PNG whose IHDR claims width x height, with valid CRCs and one tiny IDAT."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 8)) + chunk(b"IEND", b"")
 
 
 def make_iu(root: Path) -> dict:

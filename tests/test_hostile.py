@@ -17,7 +17,6 @@ import pickle
 import random
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ import pytest
 import torch
 from PIL import EpsImagePlugin, Image
 
-from helpers import REPO, tiny_params
+from helpers import REPO, png_header, tiny_params
 from r2gen.checkpoint import FORMAT, build_model, load_model_file
 from r2gen.cli import main
 from r2gen.config import DataConfig
@@ -120,17 +119,6 @@ def run_fuzz(cases, attempt) -> dict[str, int]:
             crashes.append(f"case {i}: {type(exc).__name__}: {str(exc)[:100]}")
     assert not crashes, f"{len(crashes)} of {len(cases)} inputs crashed instead of an R2GenError: {crashes[:8]}"
     return outcomes
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def png_header(width: int, height: int, depth: int = 8, color: int = 0, interlace: int = 0,
-               idat: bytes = zlib.compress(b"\0" * 8)) -> bytes:
-    """A PNG whose IHDR says anything we like, with valid CRCs so that only the values are wrong."""
-    ihdr = struct.pack(">IIBBBBB", width, height, depth, color, 0, 0, interlace)
-    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
 
 
 def encoded(mode: str, fmt: str, **save) -> bytes:
