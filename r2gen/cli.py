@@ -14,6 +14,7 @@ import traceback
 from pathlib import Path
 
 import r2gen
+from r2gen import layout
 from r2gen.errors import R2GenError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -251,9 +252,13 @@ def cmd_exp_report(args: argparse.Namespace) -> int:
 
     import yaml
 
+    from r2gen.compare.analysis import analyse
+    from r2gen.compare.dvclive import load_history
+    from r2gen.compare.exp_show import parse_exp_show
+    from r2gen.compare.grid import build_report
+    from r2gen.compare.grid_findings import conclusions
+    from r2gen.compare.ttq import QualityTarget
     from r2gen.config import Params
-    from r2gen.experiments import LIVE_DIR, QualityTarget, analyse, build_report, conclusions, load_history, \
-        parse_exp_show
 
     try:
         params = Params.from_dict(yaml.safe_load(args.params.read_text(encoding="utf-8")), str(args.params))
@@ -288,7 +293,7 @@ def cmd_exp_report(args: argparse.Namespace) -> int:
             return out.stdout if out.returncode == 0 else None
         return read
 
-    histories = {(e.rev, p): load_history(git_reader(e.rev), LIVE_DIR.format(precision=p), target.metric)
+    histories = {(e.rev, p): load_history(git_reader(e.rev), layout.live_run(p).as_posix(), target.metric)
                  for e in experiments for p in e.train}
     analysis = analyse(experiments, histories, target, skipped=skipped)
     build_report(analysis, args.out)

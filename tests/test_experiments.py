@@ -17,10 +17,15 @@ from pathlib import Path
 import pytest
 
 from r2gen.errors import R2GenError
-from r2gen.experiments import (SPEED_FLAG, History, QualityTarget, analyse, betainc, build_report, conclusions,
-                               detectable_difference, group_experiments, load_history, one_sample_test,
-                               parse_exp_show, render_markdown, t_critical, t_two_sided_p, time_to_quality,
-                               welch_test)
+from r2gen.compare.analysis import analyse
+from r2gen.compare.dvclive import History, load_history
+from r2gen.compare.exp_show import parse_exp_show
+from r2gen.compare.grid import build_report, render_markdown
+from r2gen.compare.grid_findings import conclusions
+from r2gen.compare.grouping import group_experiments
+from r2gen.compare.labels import SPEED_FLAG
+from r2gen.compare.stats import betainc, detectable_difference, one_sample_test, t_critical, t_two_sided_p, welch_test
+from r2gen.compare.ttq import QualityTarget, time_to_quality
 
 FIXTURE = Path(__file__).parent / "fixtures" / "experiments"
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
