@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from r2gen.errors import R2GenError
-from r2gen.compare.analysis import analyse
+from r2gen.records import EvalSummary, TrainSummary
+from r2gen.compare.analysis import METRICS, RATIOS, SPEED, Metric, analyse
 from r2gen.compare.dvclive import History, load_history
 from r2gen.compare.exp_show import parse_exp_show
 from r2gen.compare.grid import build_report, render_markdown
@@ -131,6 +132,20 @@ def test_degenerate_spreads_and_single_seeds():
     assert d.diff == pytest.approx(0.8) and d.exceeds and d.df == 2
     assert detectable_difference(3) == pytest.approx(2.776445 * math.sqrt(2 / 3), rel=1e-6)
     assert detectable_difference(1) is None
+
+
+def test_every_metric_names_a_field_of_the_record_it_is_read_from():
+    records = {"train": TrainSummary, "eval": EvalSummary}
+    for m in METRICS:
+        if m.source == "ratio":
+            assert m.key in RATIOS and RATIOS[m.key][1] in TrainSummary.keys(), m.key
+        else:
+            assert m.key in records[m.source].keys(), m.key
+    assert {m.key for m in SPEED if m.source == "ratio"} == set(RATIOS)
+    with pytest.raises(KeyError, match="'samples_per_sec'"):  # a renamed field breaks the table at import
+        Metric("samples_per_sec", "training samples/s", "train", "higher")
+    with pytest.raises(KeyError, match="not a key of the training summary"):
+        TrainSummary.key("samples_per_sec")
 
 
 # ---------------------------------------------------------------------------------------- dvc exp show
