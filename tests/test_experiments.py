@@ -16,8 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from r2gen.errors import R2GenError
-from r2gen.records import EvalSummary, TrainSummary
 from r2gen.compare.analysis import METRICS, RATIOS, SPEED, Metric, analyse
 from r2gen.compare.dvclive import History, load_history
 from r2gen.compare.exp_show import parse_exp_show
@@ -27,6 +25,8 @@ from r2gen.compare.grouping import group_experiments
 from r2gen.compare.labels import SPEED_FLAG
 from r2gen.compare.stats import betainc, detectable_difference, one_sample_test, t_critical, t_two_sided_p, welch_test
 from r2gen.compare.ttq import QualityTarget, time_to_quality
+from r2gen.errors import R2GenError
+from r2gen.records import EvalSummary, TrainSummary
 
 FIXTURE = Path(__file__).parent / "fixtures" / "experiments"
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
