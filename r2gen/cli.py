@@ -14,6 +14,7 @@ import traceback
 from pathlib import Path
 
 import r2gen
+from r2gen import layout
 from r2gen.errors import R2GenError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -50,15 +51,15 @@ def main(argv: list[str] | None = None) -> int:
 
     m = sub.add_parser("check-metrics", help="gate: compare workspace metrics with a baseline revision")
     m.add_argument("--base", default="HEAD", help="git revision holding the baseline metrics (default HEAD)")
-    m.add_argument("--gate", type=Path, default=Path("metrics_gate.yaml"), help="tolerances per metric")
+    m.add_argument("--gate", type=Path, default=Path(layout.GATE), help="tolerances per metric")
     m.set_defaults(func=cmd_check_metrics)
 
     e = sub.add_parser("exp-report", help="multi-seed comparison of a DVC experiment grid (README: Seeds, batch sizes)")
     e.add_argument("--rev", default=None, help="read the experiments of this baseline commit (default: HEAD's)")
     e.add_argument("--input", type=Path, default=None,
                    help="a saved `dvc exp show --json` instead of running it (histories read from git if present)")
-    e.add_argument("--params", type=Path, default=Path("params.yaml"), help="holds exp_report (the TTQ target)")
-    e.add_argument("--out", type=Path, default=Path("reports/experiments"), help="output folder")
+    e.add_argument("--params", type=Path, default=Path(layout.PARAMS), help="holds exp_report (the TTQ target)")
+    e.add_argument("--out", type=Path, default=Path(layout.EXPERIMENTS), help="output folder")
     e.set_defaults(func=cmd_exp_report)
 
     s = sub.add_parser("sample-data", help="write a synthetic chest X-ray dataset in R2Gen's layout")
@@ -217,7 +218,7 @@ def cmd_check_metrics(args: argparse.Namespace) -> int:
 
     import yaml
 
-    from r2gen.gate import evaluate, load_rules
+    from r2gen.gate import evaluate, load_rules, stated_reasons
 
     try:
         raw = yaml.safe_load(args.gate.read_text(encoding="utf-8"))
@@ -234,7 +235,7 @@ def cmd_check_metrics(args: argparse.Namespace) -> int:
         diff = json.loads(proc.stdout or "{}")
     except json.JSONDecodeError:
         raise R2GenError(f"`dvc metrics diff` printed no JSON: {proc.stdout[:200]!r}") from None
-    checks = evaluate(diff, precisions, rules, _missing_value_reasons(rules, precisions))
+    checks = evaluate(diff, precisions, rules, stated_reasons(rules, precisions))
     for check in checks:
         print(check.line())
     failed = [c for c in checks if not c.ok]
@@ -251,9 +252,13 @@ def cmd_exp_report(args: argparse.Namespace) -> int:
 
     import yaml
 
+    from r2gen.compare.analysis import analyse
+    from r2gen.compare.dvclive import load_history
+    from r2gen.compare.exp_show import parse_exp_show
+    from r2gen.compare.grid import build_report
+    from r2gen.compare.grid_findings import conclusions
+    from r2gen.compare.ttq import QualityTarget
     from r2gen.config import Params
-    from r2gen.experiments import LIVE_DIR, QualityTarget, analyse, build_report, conclusions, load_history, \
-        parse_exp_show
 
     try:
         params = Params.from_dict(yaml.safe_load(args.params.read_text(encoding="utf-8")), str(args.params))
@@ -288,7 +293,7 @@ def cmd_exp_report(args: argparse.Namespace) -> int:
             return out.stdout if out.returncode == 0 else None
         return read
 
-    histories = {(e.rev, p): load_history(git_reader(e.rev), LIVE_DIR.format(precision=p), target.metric)
+    histories = {(e.rev, p): load_history(git_reader(e.rev), layout.live_run(p).as_posix(), target.metric)
                  for e in experiments for p in e.train}
     analysis = analyse(experiments, histories, target, skipped=skipped)
     build_report(analysis, args.out)
@@ -296,27 +301,8 @@ def cmd_exp_report(args: argparse.Namespace) -> int:
         print(f"- {line}")
     print(f"{len(experiments)} experiments in {len(analysis.groups)} group(s)"
           + (f"; left out: {'; '.join(skipped)}" if skipped else "")
-          + f"\nwrote {args.out / 'experiments_report.md'}, experiments.json and figures/")
+          + f"\nwrote {args.out / layout.EXPERIMENTS_REPORT}, {layout.EXPERIMENTS_JSON} and {layout.FIGURES}/")
     return 0
-
-
-def _missing_value_reasons(rules, precisions: list[str]) -> dict[str, dict[str, str]]:
-    """{workspace metrics file: {key: its `<key>_error` text}} for the gated keys that state one."""
-    reasons: dict[str, dict[str, str]] = {}
-    files: dict[str, object] = {}  # each metrics file read once, however many rules it serves
-    for rule in rules:
-        for p in precisions:
-            path = rule.file.format(precision=p)
-            if path not in files:
-                try:
-                    files[path] = json.loads(Path(path).read_text(encoding="utf-8"))
-                except (OSError, ValueError):
-                    files[path] = None
-            data = files[path]
-            why = data.get(f"{rule.key}_error") if isinstance(data, dict) else None
-            if isinstance(why, str) and why:
-                reasons.setdefault(path, {})[rule.key] = why
-    return reasons
 
 
 def cmd_sample_data(args: argparse.Namespace) -> int:

@@ -11,10 +11,12 @@ only as a ratio to fp32 measured in the same run, never as an absolute time.
 
 from __future__ import annotations
 
-import math
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from r2gen.compare.derived import known
 from r2gen.errors import ConfigError
 
 DIRECTIONS = ("higher", "lower")
@@ -31,6 +33,10 @@ class Rule:
 
     def allowed(self, precision: str) -> float:
         return self.tolerance.get(precision, self.tolerance["default"])
+
+    def path(self, precision: str) -> str:
+        """The metrics file of ``precision``, as ``dvc metrics diff`` names it (e.g. metrics/eval/fp16.json)."""
+        return self.file.format(precision=precision)
 
 
 @dataclass(frozen=True)
@@ -94,8 +100,8 @@ def evaluate(diff: dict[str, dict], precisions: list[str], rules: list[Rule],
             tol = rule.allowed(p)
             limit = f"{'-' if rule.better == 'higher' else '+'}{tol:.0%}" if rule.relative else \
                 f"{'-' if rule.better == 'higher' else '+'}{tol:g}"
-            why = reasons.get(rule.file.format(precision=p), {}).get(rule.key)
-            if missing and why and not _number(old) and not _number(new):
+            why = reasons.get(rule.path(p), {}).get(rule.key)
+            if missing and why and not known(old) and not known(new):
                 checks.append(Check(name, True, old, new, limit, f"no value on either side: {why}", skipped=True))
                 continue
             if missing:
@@ -110,24 +116,43 @@ def evaluate(diff: dict[str, dict], precisions: list[str], rules: list[Rule],
 
 
 def _values(diff: dict[str, dict], rule: Rule, precision: str) -> tuple[Any, Any, list[str]]:
-    path = rule.file.format(precision=precision)
+    path = rule.path(precision)
     entry = diff.get(path, {}).get(rule.key)
     if entry is None:
         return None, None, [f"{path}:{rule.key} in neither the baseline nor the workspace"]
     old, new = entry.get("old"), entry.get("new")
     missing = []
-    if not _number(old):
+    if not known(old):
         missing.append(f"no baseline value in {path}")
-    if not _number(new):
+    if not known(new):
         missing.append(f"no workspace value in {path} (file missing or unreadable?)")
     return old, new, missing
 
 
-def _number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _fmt(x: Any) -> str:
-    if not _number(x):
+    if not known(x):
         return "missing"
     return f"{x:.4g}"
+
+
+def stated_reasons(rules: list[Rule], precisions: list[str]) -> dict[str, dict[str, str]]:
+    """{workspace metrics file: {key: its `<key>_error` text}} for the gated keys that state one.
+
+    The files are read from the working directory (the repository root); one that is missing or
+    unreadable states nothing (its metrics then fail as missing).
+    """
+    reasons: dict[str, dict[str, str]] = {}
+    files: dict[str, object] = {}  # each metrics file read once, however many rules it serves
+    for rule in rules:
+        for p in precisions:
+            path = rule.path(p)
+            if path not in files:
+                try:
+                    files[path] = json.loads(Path(path).read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    files[path] = None
+            data = files[path]
+            why = data.get(f"{rule.key}_error") if isinstance(data, dict) else None
+            if isinstance(why, str) and why:
+                reasons.setdefault(path, {})[rule.key] = why
+    return reasons

@@ -40,6 +40,14 @@ class Record:
         return tuple(f.name for f in dataclasses.fields(cls))
 
     @classmethod
+    def key(cls, name: str) -> str:
+        """``name``, checked to be a key of this record: how a reader of partial dicts (the metrics in
+        ``dvc exp show --json``) names the keys it reads, so that renaming a field breaks it loudly."""
+        if name not in cls.keys():
+            raise KeyError(f"{name!r} is not a key of the {cls.kind} ({cls.__name__})")
+        return name
+
+    @classmethod
     def from_json(cls: type[R], data: Any, source: str | Path = "<dict>") -> R:
         """The record of a parsed JSON object; unknown or missing keys are a one-line error."""
         if not isinstance(data, dict):

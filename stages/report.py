@@ -15,10 +15,12 @@ from pathlib import Path
 
 from _common import load_params, run, usage
 
+from r2gen import layout
+from r2gen.compare.runs import load_run
+from r2gen.compare.single import build_report
 from r2gen.config import PRECISIONS
 from r2gen.errors import R2GenError
 from r2gen.io import atomic_open, write_json
-from r2gen.report import build_report, load_run
 
 log = logging.getLogger("report")
 
@@ -26,17 +28,17 @@ log = logging.getLogger("report")
 def main(argv: list[str]) -> None:
     metrics, live, models, reports = map(Path, usage(__doc__, argv, 4))
     params = load_params()
-    headline_model = models / params.precision / "model.pt"
+    headline_model = layout.model(params.precision, models)
     if not headline_model.is_file():
         raise R2GenError(f"{headline_model} not found (params `precision` is {params.precision}); "
                          "run `dvc repro` to train it")
     run_data = load_run(metrics, live, PRECISIONS)
     summary = build_report(run_data, params.precision, reports)
-    write_json(reports / "summary.json", summary)
-    release = models / "release" / "model.pt"
+    write_json(reports / layout.SUMMARY, summary)
+    release = layout.release_model(models)
     with open(headline_model, "rb") as src, atomic_open(release, "wb") as dst:
         shutil.copyfileobj(src, dst)
-    log.info("report: %s | headline %s (%s) | CE F1 %s | %s -> %s", reports / "precision_report.md",
+    log.info("report: %s | headline %s (%s) | CE F1 %s | %s -> %s", reports / layout.PRECISION_REPORT,
              params.precision, summary["backend"], summary["CE_F1"], headline_model, release)
 
 

@@ -17,11 +17,17 @@ from pathlib import Path
 import pytest
 
 from r2gen.config import PRECISIONS
+from r2gen.compare.analysis import METRICS, RATIOS, SPEED, Metric, analyse
+from r2gen.compare.dvclive import History, load_history
+from r2gen.compare.exp_show import parse_exp_show
+from r2gen.compare.grid import build_report, render_markdown
+from r2gen.compare.grid_findings import conclusions
+from r2gen.compare.grouping import group_experiments
+from r2gen.compare.labels import SPEED_FLAG
+from r2gen.compare.stats import betainc, detectable_difference, one_sample_test, t_critical, t_two_sided_p, welch_test
+from r2gen.compare.ttq import QualityTarget, time_to_quality
 from r2gen.errors import R2GenError
-from r2gen.experiments import (SPEED_FLAG, History, QualityTarget, analyse, betainc, build_report, conclusions,
-                               detectable_difference, group_experiments, load_history, one_sample_test,
-                               parse_exp_show, render_markdown, t_critical, t_two_sided_p, time_to_quality,
-                               welch_test)
+from r2gen.records import EvalSummary, TrainSummary
 
 FIXTURE = Path(__file__).parent / "fixtures" / "experiments"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -126,6 +132,20 @@ def test_degenerate_spreads_and_single_seeds():
     assert d.diff == pytest.approx(0.8) and d.exceeds and d.df == 2
     assert detectable_difference(3) == pytest.approx(2.776445 * math.sqrt(2 / 3), rel=1e-6)
     assert detectable_difference(1) is None
+
+
+def test_every_metric_names_a_field_of_the_record_it_is_read_from():
+    records = {"train": TrainSummary, "eval": EvalSummary}
+    for m in METRICS:
+        if m.source == "ratio":
+            assert m.key in RATIOS and RATIOS[m.key][1] in TrainSummary.keys(), m.key
+        else:
+            assert m.key in records[m.source].keys(), m.key
+    assert {m.key for m in SPEED if m.source == "ratio"} == set(RATIOS)
+    with pytest.raises(KeyError, match="'samples_per_sec'"):  # a renamed field breaks the table at import
+        Metric("samples_per_sec", "training samples/s", "train", "higher")
+    with pytest.raises(KeyError, match="not a key of the training summary"):
+        TrainSummary.key("samples_per_sec")
 
 
 # ---------------------------------------------------------------------------------------- dvc exp show

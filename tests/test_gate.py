@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from r2gen import layout
 from r2gen.errors import ConfigError
-from r2gen.gate import evaluate, load_rules
+from r2gen.gate import evaluate, load_rules, stated_reasons
+from r2gen.records import EvalSummary, TrainSummary
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,3 +94,22 @@ def test_the_committed_gate_file_parses_and_covers_every_issue_metric():
             "nonfinite_steps", "samples_per_s"} <= keys
     for r in rs:  # lower precisions never gated tighter than fp32
         assert r.allowed("fp16") >= r.allowed("fp32") and r.allowed("fp8") >= r.allowed("fp32")
+
+
+def test_the_committed_gate_file_names_the_layouts_files_and_their_records_keys():
+    precisions, rs = load_rules(yaml.safe_load((REPO / "metrics_gate.yaml").read_text()))
+    for r in rs:
+        for p in precisions:
+            record = {layout.train_summary(p).as_posix(): TrainSummary,
+                      layout.eval_summary(p).as_posix(): EvalSummary}.get(r.path(p))
+            assert record is not None, f"{r.key}: {r.path(p)} is not a metrics file of the layout"
+            assert r.key in record.keys(), f"{r.key} is not a key of {record.__name__}"
+
+
+def test_stated_reasons_come_from_the_workspace_files_error_keys(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m/fp32.json").write_text('{"METEOR": null, "METEOR_error": "java not found"}')
+    (tmp_path / "m/fp16.json").write_text("not json")
+    precisions, rs = rules({**BLEU, "key": "METEOR"}, BLEU)
+    assert stated_reasons(rs, precisions) == {"m/fp32.json": {"METEOR": "java not found"}}

@@ -17,7 +17,9 @@ import pytest
 
 from r2gen.config import PRECISIONS
 from r2gen.errors import R2GenError
-from r2gen.report import build_report, load_run, render_markdown, throughput_ratio, time_reduction
+from r2gen.compare.derived import throughput_ratio, time_reduction
+from r2gen.compare.runs import load_run
+from r2gen.compare.single import build_report, render_markdown
 
 FIXTURE = Path(__file__).parent / "fixtures" / "report"
 REPO = Path(__file__).resolve().parents[1]
@@ -184,10 +186,11 @@ def test_metrics_of_another_precision_are_refused(work):
         load(work)
 
 
-def test_missing_optional_keys_show_na_and_invent_nothing(work):
-    patch(work, "train", "bf16", speed_comparable=..., note=..., transformer_engine=..., peak_memory_fraction=...,
-          samples_per_s=None, baseline_rss_bytes=...)
-    patch(work, "eval", "fp16", CIDEr=..., test_studies=..., reports_per_s=None)
+def test_unrecorded_values_show_na_and_invent_nothing(work):
+    # A value that was not recorded is null in the record (a missing key is an error: the next test).
+    patch(work, "train", "bf16", speed_comparable=None, note=None, transformer_engine=None, peak_memory_fraction=None,
+          samples_per_s=None, baseline_rss_bytes=None)
+    patch(work, "eval", "fp16", CIDEr=None, test_studies=None, reports_per_s=None)
     (work / "dvclive/train/bf16/plots/metrics/epoch/val_loss.tsv").unlink()  # validation is optional
     md = markdown(work)
     eff = row(md, "## Training efficiency", "bf16")
@@ -197,6 +200,18 @@ def test_missing_optional_keys_show_na_and_invent_nothing(work):
     assert "bf16: n/a" in md  # the setup's note and the machine table's differing device memory
     assert not any("bf16 is the fastest" in ln for ln in conclusion_lines(md))
     assert conclusion_lines(md)[0].startswith("**fp32 (")  # the only speed measurement left
+
+
+@pytest.mark.parametrize("kind,name,changes,problem", [
+    ("train", "bf16", {"samples_per_s": ...}, "missing keys samples_per_s"),
+    ("eval", "fp16", {"CIDEr": ..., "cider": 0.3}, "missing keys CIDEr; unknown keys cider"),
+    ("eval", "baseline", {"CE_F1": ...}, "missing keys CE_F1"),
+])
+def test_a_missing_or_renamed_key_is_an_error_naming_the_file_never_a_blank_column(work, kind, name, changes, problem):
+    patch(work, kind, name, **changes)
+    with pytest.raises(R2GenError, match=re.escape(f"{work}/metrics/{kind}/{name}.json: not the ") + ".*"
+                       + re.escape(f"({problem}); rerun `dvc repro`")):
+        load(work)
 
 
 def test_build_report_writes_valid_pngs_and_the_headline_summary(work, tmp_path):

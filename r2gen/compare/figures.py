@@ -1,0 +1,199 @@
+"""The figures of both reports (PNG, matplotlib's object API: no global state, no display needed).
+
+One colour per precision in every figure of both reports; runs that are not speed measurements are
+hatched and labelled (:mod:`r2gen.compare.labels`); a missing value is drawn as "n/a".
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from r2gen.compare.derived import known
+from r2gen.compare.fmt import num, text
+from r2gen.compare.labels import tick
+
+if TYPE_CHECKING:
+    from r2gen.compare.analysis import Analysis
+    from r2gen.compare.runs import RunData
+    from r2gen.compare.stats import Stat
+
+COLORS = {"fp32": "tab:blue", "fp16": "tab:orange", "bf16": "tab:green", "fp8": "tab:red"}
+PRECISION_FIGURES = {
+    "loss_curves.png": "Training loss per step (light: raw, solid: smoothed) and validation loss (circles)",
+    "throughput.png": "Training throughput (hatched: not a speed measurement)",
+    "memory.png": "Peak memory during training (hatched: emulated)",
+    "quality.png": "Report quality on the test split, with the image-blind baseline (dashed)",
+}
+QUALITY_FIGURE_KEYS = ("BLEU_4", "ROUGE_L", "CIDEr", "CE_F1")
+EXPERIMENT_FIGURES = {
+    "seed_quality.png": "Quality per precision and batch mode: mean ± std over seeds (dots: single seeds)",
+    "seed_throughput.png": "Throughput ratio vs fp32, measured within each run: mean ± std over seeds",
+    "time_to_quality.png": "Time to quality: samples and training seconds until the target, mean ± std",
+}
+FIGURE_METRICS = ("test_loss", "BLEU_4", "CE_F1", "train_loss")  # seed_quality.png, one panel each
+GROUP_HATCHES = (None, "..", "//", "xx")  # tells the groups (batch modes) apart in the figures
+
+
+def color(p: str, i: int) -> str:
+    """The precision's colour (matplotlib's i-th default for another name)."""
+    return COLORS.get(p, f"C{i}")
+
+
+def _save(fig: Figure, path: Path) -> None:
+    fig.savefig(path, dpi=110, metadata={"Software": None})  # no version stamp: same numbers, same bytes
+
+
+# ---------------------------------------------------------------------------------------- the precision report
+def _ema(values: Sequence[float], beta: float = 0.8) -> np.ndarray:
+    """Bias-corrected exponential moving average that steps over non-finite values."""
+    out, avg, weight = [], 0.0, 0.0
+    for v in values:
+        if math.isfinite(v):
+            avg, weight = beta * avg + (1 - beta) * v, beta * weight + (1 - beta)
+        out.append(avg / weight if weight else math.nan)
+    return np.asarray(out)
+
+
+def _loss_figure(run: RunData, path: Path) -> None:
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    for i, p in enumerate(run.precisions):
+        c, s, v = color(p, i), run.step_loss[p], run.val_loss[p]
+        ax.plot(s.steps, s.values, color=c, alpha=0.25, linewidth=0.8)
+        ax.plot(s.steps, _ema(s.values), color=c, linewidth=1.6, label=f"{run.label(p)} train")
+        if v.steps:
+            ax.scatter(v.steps, v.values, color=c, edgecolors="black", s=45, zorder=3, label=f"{run.label(p)} val")
+    ax.set(xlabel="optimizer step", ylabel="loss (token-mean NLL)", title="Training and validation loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncols=2)
+    _save(fig, path)
+
+
+def _bar_figure(run: RunData, path: Path, values: dict[str, float | None], flagged: dict[str, bool],
+                flag_text: str, ylabel: str, title: str, fmt) -> None:
+    """Bars per precision; flagged ones hatched and labelled with ``flag_text``; missing ones "n/a"."""
+    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    x = np.arange(len(run.precisions))
+    top = max((v for v in values.values() if known(v)), default=1.0) or 1.0
+    for i, p in enumerate(run.precisions):
+        v = values[p]
+        if not known(v):
+            ax.text(i, 0.02 * top, "n/a", ha="center", va="bottom")
+            continue
+        ax.bar(i, v, color=color(p, i), alpha=0.45 if flagged[p] else 0.9, edgecolor="black",
+               hatch="//" if flagged[p] else None)
+        ax.text(i, v + 0.01 * top, fmt(v) + (f"\n{flag_text}" if flagged[p] else ""), ha="center",
+                va="bottom", fontsize=8)
+    ax.set_xticks(x, [tick(run.label(p)) for p in run.precisions])
+    ax.set_ylim(0, top * 1.25)
+    ax.set(ylabel=ylabel, title=title)
+    ax.grid(axis="y", alpha=0.3)
+    _save(fig, path)
+
+
+def _quality_figure(run: RunData, path: Path) -> None:
+    fig = Figure(figsize=(12, 4), layout="constrained")
+    axes = fig.subplots(1, len(QUALITY_FIGURE_KEYS))
+    ticks = [tick(run.label(p)) for p in run.precisions]
+    baseline_line = None
+    for ax, key in zip(axes, QUALITY_FIGURE_KEYS):
+        for i, p in enumerate(run.precisions):
+            v = getattr(run.eval[p], key)
+            if known(v):
+                ax.bar(i, v, color=color(p, i), edgecolor="black", hatch="//" if run.emulated(p) else None)
+            else:
+                ax.text(i, 0, "n/a", ha="center", va="bottom")
+        if known(getattr(run.baseline, key)):
+            baseline_line = ax.axhline(getattr(run.baseline, key), color="black", linestyle="--", linewidth=1.2)
+        ax.set_xticks(range(len(ticks)), ticks, fontsize=7)
+        ax.set_title(key)
+        ax.grid(axis="y", alpha=0.3)
+    if baseline_line is not None:
+        fig.legend([baseline_line], ["image-blind baseline (most frequent training report)"],
+                   loc="outside upper center", fontsize=8)
+    _save(fig, path)
+
+
+def write_precision_figures(run: RunData, directory: Path) -> None:
+    """The precision report's :data:`PRECISION_FIGURES` into ``directory``."""
+    train = run.train
+    _loss_figure(run, directory / "loss_curves.png")
+    _bar_figure(run, directory / "throughput.png", {p: train[p].samples_per_s for p in run.precisions},
+                {p: not run.speed_comparable(p) for p in run.precisions}, "numerics only,\nnot speed",
+                "samples/s (training)", "Training throughput", num)
+    _bar_figure(run, directory / "memory.png",
+                {p: train[p].peak_memory_bytes / 2**30 if known(train[p].peak_memory_bytes) else None
+                 for p in run.precisions},
+                {p: run.emulated(p) for p in run.precisions}, "emulated", "GiB",
+                f"Peak memory ({text(train[run.precisions[0]].peak_memory_kind)})", lambda v: f"{v:.2f}")
+    _quality_figure(run, directory / "quality.png")
+
+
+# ---------------------------------------------------------------------------------------- the multi-seed report
+def _grouped_bars(ax, analysis: Analysis, stats: dict[tuple[int, str], Stat | None], ylabel: str,
+                  notes: dict[tuple[int, str], str] | None = None) -> None:
+    """Bars per precision (x), one per group side by side; error bars = std; dots = seeds; n/a where missing.
+
+    ``notes`` are written above (or instead of) the bars, e.g. how many runs reached a target.
+    """
+    notes = notes or {}
+    groups, precisions = analysis.groups, analysis.precisions
+    width = 0.8 / max(len(groups), 1)
+    for gi, r in enumerate(groups):
+        for pi, p in enumerate(precisions):
+            x = pi - 0.4 + width * (gi + 0.5)
+            s, note = stats.get((gi, p)), notes.get((gi, p), "")
+            if s is None:
+                ax.text(x, 0, f"n/a {note}", ha="center", va="bottom", fontsize=6, rotation=90)
+                continue
+            if note:
+                ax.text(x, s.mean + (s.std or 0), note, ha="center", va="bottom", fontsize=6)
+            ax.bar(x, s.mean, width, yerr=s.std or 0, capsize=3, color=color(p, pi),
+                   alpha=0.9 if gi == 0 else 0.5, edgecolor="black", hatch=GROUP_HATCHES[gi % len(GROUP_HATCHES)],
+                   label=r.group.label if pi == 0 else None)
+            ax.scatter([x] * s.n, s.values, color="black", s=8, zorder=3)
+    ax.set_xticks(range(len(precisions)), [tick(analysis.label(p)) for p in precisions], fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def _cells(analysis: Analysis, key: str) -> dict[tuple[int, str], Stat | None]:
+    return {(gi, p): r.cells[key][p].stat for gi, r in enumerate(analysis.groups) for p in analysis.precisions}
+
+
+def write_experiment_figures(analysis: Analysis, directory: Path, metric_labels: dict[str, str]) -> None:
+    """The multi-seed report's :data:`EXPERIMENT_FIGURES` into ``directory`` (panels titled by ``metric_labels``)."""
+    fig = Figure(figsize=(4 * len(FIGURE_METRICS), 4.2), layout="constrained")
+    axes = fig.subplots(1, len(FIGURE_METRICS))
+    for ax, key in zip(axes, FIGURE_METRICS):
+        _grouped_bars(ax, analysis, _cells(analysis, key), metric_labels[key])
+        ax.set_title(metric_labels[key])
+    axes[0].legend(fontsize=7, loc="lower left")
+    _save(fig, directory / "seed_quality.png")
+
+    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    _grouped_bars(ax, analysis, _cells(analysis, "throughput_ratio_vs_fp32"), "samples/s ÷ fp32's in the same run")
+    ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
+    ax.set_title("Throughput ratio vs fp32 (n/a: not a speed measurement)")
+    ax.legend(fontsize=7)
+    _save(fig, directory / "seed_throughput.png")
+
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for ax, what, ylabel in ((axes[0], "samples", "training samples to target"),
+                             (axes[1], "seconds", "training seconds to target")):
+        _grouped_bars(ax, analysis, {(gi, p): getattr(r.ttq[p], what) if p in r.ttq else None
+                                     for gi, r in enumerate(analysis.groups) for p in analysis.precisions}, ylabel,
+                      {(gi, p): f"{c.reached}/{c.runs} reached" for gi, r in enumerate(analysis.groups)
+                       for p, c in r.ttq.items()})
+    fig.suptitle(f"Time to quality: {analysis.target_text}", fontsize=9)
+    if axes[0].get_legend_handles_labels()[0]:  # no bars at all without a target
+        axes[0].legend(fontsize=7)
+    _save(fig, directory / "time_to_quality.png")
