@@ -163,8 +163,10 @@ def setup(spec: TrainSpec, paths: TrainPaths, world: World, device: torch.device
     if world.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    return Run(spec, paths, world, plan, ddp_backend, fingerprint, tokenizer, choice, parts, model, conversion,
-               parameters, train_batches, val_batches, state, resume_step)
+    return Run(spec=spec, paths=paths, world=world, plan=plan, ddp_backend=ddp_backend, fingerprint=fingerprint,
+               tokenizer=tokenizer, choice=choice, parts=parts, model=model, conversion=conversion,
+               parameters=parameters, train_batches=train_batches, val_batches=val_batches, state=state,
+               resume_step=resume_step)
 
 
 def _load_data(spec: TrainSpec, paths: TrainPaths) -> tuple[Tokenizer, PreparedSplit, PreparedSplit]:
