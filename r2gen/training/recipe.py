@@ -49,6 +49,8 @@ from r2gen.validation import evaluate_loss
 
 log = logging.getLogger(__name__)
 
+CHECKPOINT = "last.pt"  # in TrainPaths.checkpoint_dir; removed when the run completes
+
 
 @dataclass(frozen=True)
 class TrainPaths:
@@ -89,7 +91,7 @@ class Run:
 
     @property
     def checkpoint(self) -> Path:
-        return self.paths.checkpoint_dir / "last.pt"
+        return self.paths.checkpoint_dir / CHECKPOINT
 
 
 def train(spec: TrainSpec, paths: TrainPaths) -> TrainSummary:
@@ -135,7 +137,7 @@ def setup(spec: TrainSpec, paths: TrainPaths, world: World, device: torch.device
     tokenizer, train_split, val_split = _load_data(spec, paths)
 
     # A killed run's checkpoint is read first: a resumed max-batch run keeps the batch it probed.
-    ckpt_path = paths.checkpoint_dir / "last.pt"
+    ckpt_path = paths.checkpoint_dir / CHECKPOINT
     ckpt = world.broadcast(load_resumable(ckpt_path, fingerprint) if world.is_main else None)
     resumed = TrainState.from_dict(ckpt["state"]) if ckpt is not None else None
     choice = choose_batch(spec, plan, tokenizer.vocab_size, world, len(train_split.ids), resumed)
