@@ -1,13 +1,14 @@
 """One timed run of our R2Gen: training steps or beam-search generation, as the pipeline runs them.
 
-Training reads the prepared uint8 cache through ``r2gen.training.StudyBatches`` and takes the same
-step as ``r2gen.training.train``: forward under the precision plan's autocast, scaled backward,
-``unscale_``, element-wise gradient value clipping, Adam(amsgrad) with R2Gen's two learning rates.
-A step's time includes assembling its batch. Generation is ``R2Gen.generate``'s search (incremental
+Training reads the prepared uint8 cache through ``r2gen.data.batches.StudyBatches`` and takes
+training's own step, ``r2gen.training.step.train_step`` (forward under the precision plan's
+autocast, scaled backward, ``unscale_``, element-wise gradient value clipping, Adam(amsgrad) with
+R2Gen's two learning rates), without its non-finite skipping. A step's time includes assembling its batch. Generation is ``R2Gen.generate``'s search (incremental
 decoding, beam 3) over test studies.
 
 Everything imports the r2gen on ``sys.path``, so the same code times another checkout of this
-project (``--impl LABEL=PATH``): before/after figures of a change come from one run.
+project (``--impl LABEL=PATH``): before/after figures of a change come from one run. That checkout
+needs the layout this file imports (``r2gen.training.step``, ``r2gen.data.batches``).
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ from benchmarks.measure import (LoadMonitor, Profile, count_flops, peak_memory, 
                                 synchronize)
 from r2gen import precision as prec
 from r2gen.config import Params
+from r2gen.data.batches import StudyBatches
 from r2gen.data.images import load_prepared
 from r2gen.decoding import beam_search
 from r2gen.model.r2gen import IncrementalStepper, R2Gen
 from r2gen.tokenizer import Tokenizer
-from r2gen.training import StudyBatches, build_optimizer, seed_everything
+from r2gen.training.state import seed_everything
+from r2gen.training.step import build_optimizer, train_step
 
 
 def params_for(profile: Profile, threads: int, seed: int, model: dict | None = None) -> Params:
@@ -83,36 +86,28 @@ class Setup:
             return beam_search(stepper, len(images), p.num_beams, p.max_len, early_exit=early_exit)
 
 
-def train_step(setup: Setup, optimizer, scaler, images, labels) -> float:
-    """r2gen.training.train's step."""
-    images, labels = images.to(setup.device), labels.to(setup.device)
-    with setup.plan.autocast():
-        loss = setup.model(images, labels).loss
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_value_(setup.model.parameters(), setup.params.train.common.grad_clip_value)
-    scaler.step(optimizer)
-    scaler.update()
-    return float(loss.detach())
+def step(setup: Setup, optimizer, scaler, images, labels) -> float:
+    """Training's step, always updating (a benchmark times full steps); returns the loss."""
+    return train_step(setup.model, images, labels, optimizer, scaler, setup.plan,
+                      setup.params.train.common.grad_clip_value, skip_nonfinite=False).loss
 
 
 def train_run(spec: dict) -> dict:
     """Warm-up steps, then ``train_steps`` timed steps: samples/s, peak memory, machine load."""
     setup = Setup(spec)
     p = setup.profile
-    optimizer, _ = build_optimizer(setup.model, setup.params)
+    optimizer, _ = build_optimizer(setup.model, setup.params.train.common)
     scaler = setup.plan.grad_scaler()
     setup.model.train()
     batches = setup.train_batches(spec["seed"])
     reset_peak_memory(setup.device)
     losses, seconds = [], []
     for _ in range(p.warmup_steps):
-        losses.append(train_step(setup, optimizer, scaler, *next(batches)))
+        losses.append(step(setup, optimizer, scaler, *next(batches)))
     with LoadMonitor() as load:
         for _ in range(p.train_steps):
             start = time.perf_counter()
-            losses.append(train_step(setup, optimizer, scaler, *next(batches)))
+            losses.append(step(setup, optimizer, scaler, *next(batches)))
             synchronize(setup.device)
             seconds.append(time.perf_counter() - start)
     peak, kind = peak_memory(setup.device)
@@ -164,13 +159,13 @@ def flops_run(spec: dict) -> dict:
     """Model FLOPs of one training step (per sample) and of a full-length search (per report)."""
     setup = Setup(spec)
     p = setup.profile
-    optimizer, _ = build_optimizer(setup.model, setup.params)
+    optimizer, _ = build_optimizer(setup.model, setup.params.train.common)
     scaler = setup.plan.grad_scaler()
     out = {}
     if "train" in spec["phases"]:
         setup.model.train()
         images, labels = next(setup.train_batches(spec["seed"]))
-        train, _ = count_flops(lambda: train_step(setup, optimizer, scaler, images, labels))
+        train, _ = count_flops(lambda: step(setup, optimizer, scaler, images, labels))
         out["train_per_sample"] = train / p.batch_size
     if "generate" in spec["phases"]:
         setup.model.eval()

@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin
 
-from r2gen.errors import ConfigError
+from r2gen.errors import ConfigError, R2GenError
 
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "fp8")
 DATASETS: tuple[str, ...] = ("iu_xray", "mimic_cxr")
@@ -38,8 +38,8 @@ class DataConfig:
     on_invalid: str = "error"  # a bad study (missing image, empty report, ...): error | drop (logged)
 
     def __post_init__(self) -> None:
-        _choice("data.dataset", self.dataset, DATASETS)
-        _choice("data.on_invalid", self.on_invalid, ("error", "drop"))
+        check_choice("data.dataset", self.dataset, DATASETS)
+        check_choice("data.on_invalid", self.on_invalid, ("error", "drop"))
         _positive("data.image_size", self.image_size)
 
     @property
@@ -85,7 +85,7 @@ class ModelConfig:
     visual_recompute: int = 0
 
     def __post_init__(self) -> None:
-        _choice("model.visual_extractor", self.visual_extractor, VISUAL_EXTRACTORS)
+        check_choice("model.visual_extractor", self.visual_extractor, VISUAL_EXTRACTORS)
         if self.visual_recompute not in range(6):
             raise ConfigError(f"model.visual_recompute must be 0 (off) to 5 (the stem and all four stages), "
                               f"got {self.visual_recompute}")
@@ -122,18 +122,18 @@ class TrainCommon:
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
     # configured: every precision at its own train.<p>.batch_size; equal: the same, checked to be the
     # same for every precision (same optimizer steps); max: the largest batch within memory_budget_gb,
-    # found by a probe (r2gen/batchsize.py), learning rates rescaled from train.<p>.batch_size by lr_scaling.
+    # found by a probe (r2gen/training/batchsize.py), learning rates rescaled from train.<p>.batch_size by lr_scaling.
     batch_mode: str = "configured"
     memory_budget_gb: float | None = None  # max mode; null: 90% of the GPU's memory or of the RAM available
-    lr_scaling: str = "sqrt"  # max mode: sqrt | linear | none (see r2gen.batchsize.scaled_lr)
+    lr_scaling: str = "sqrt"  # max mode: sqrt | linear | none (see r2gen.training.batchsize.scaled_lr)
 
     def __post_init__(self) -> None:
-        _choice("train.common.batch_mode", self.batch_mode, BATCH_MODES)
-        _choice("train.common.lr_scaling", self.lr_scaling, LR_SCALING)
+        check_choice("train.common.batch_mode", self.batch_mode, BATCH_MODES)
+        check_choice("train.common.lr_scaling", self.lr_scaling, LR_SCALING)
         if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
             raise ConfigError(f"train.common.memory_budget_gb must be positive or null, got {self.memory_budget_gb}")
-        _choice("train.common.validate", self.validate, ("last", "every_epoch"))
-        _choice("train.common.device", self.device, ("auto", "cpu", "cuda"))
+        check_choice("train.common.validate", self.validate, ("last", "every_epoch"))
+        check_choice("train.common.device", self.device, ("auto", "cpu", "cuda"))
         _positive("train.common.epochs", self.epochs)
         _positive("train.common.lr_step_size", self.lr_step_size)
 
@@ -148,8 +148,8 @@ class TrainPrecision:
     def __post_init__(self) -> None:
         _positive("batch_size", self.batch_size)
         _positive("nproc", self.nproc)
-        _choice("backend", self.backend, BACKENDS)
-        _choice("fp8_recipe", self.fp8_recipe, FP8_RECIPES)
+        check_choice("backend", self.backend, BACKENDS)
+        check_choice("fp8_recipe", self.fp8_recipe, FP8_RECIPES)
 
 
 @dataclass(frozen=True)
@@ -169,7 +169,7 @@ class TrainConfig:
                                   "batch_size x nproc): set train.<precision>.batch_size equal, or use batch_mode: configured or max")
 
     def for_precision(self, precision: str) -> TrainPrecision:
-        _choice("precision", precision, PRECISIONS)
+        check_choice("precision", precision, PRECISIONS)
         return getattr(self, precision)
 
 
@@ -182,7 +182,7 @@ class EvaluateConfig:
     meteor: bool = True  # needs Java; without it METEOR is recorded as null with the reason
 
     def __post_init__(self) -> None:
-        _choice("evaluate.precision", self.precision, PRECISIONS)
+        check_choice("evaluate.precision", self.precision, PRECISIONS)
         _positive("evaluate.num_beams", self.num_beams)
         _positive("evaluate.max_new_tokens", self.max_new_tokens)
         _positive("evaluate.batch_size", self.batch_size)
@@ -214,7 +214,7 @@ class Params:
     exp_report: ExpReportConfig = field(default_factory=ExpReportConfig)
 
     def __post_init__(self) -> None:
-        _choice("precision", self.precision, PRECISIONS)
+        check_choice("precision", self.precision, PRECISIONS)
         _positive("threads", self.threads)
 
     @classmethod
@@ -224,6 +224,30 @@ class Params:
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """One training run, resolved once from params.yaml: its precision and only the sections it reads.
+
+    ``train`` is that precision's ``train.<p>`` section. The stage builds it with :meth:`of`, which
+    is where the precision string is checked; everything below takes these typed sections.
+    """
+
+    precision: str  # fp32 | fp16 | bf16 | fp8
+    seed: int
+    threads: int
+    data: DataConfig
+    tokenizer: TokenizerConfig
+    model: ModelConfig
+    common: TrainCommon  # train.common
+    train: TrainPrecision  # train.<precision>
+
+    @classmethod
+    def of(cls, params: Params, precision: str) -> "TrainSpec":
+        """The spec of training ``precision`` with ``params``; an unknown precision is a ConfigError."""
+        return cls(precision, params.seed, params.threads, params.data, params.tokenizer, params.model,
+                   params.train.common, params.train.for_precision(precision))
 
 
 def from_dict(cls: type, raw: Any, source: str = "params.yaml", prefix: str = "") -> Any:
@@ -292,11 +316,16 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def _choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
+def check_choice(key: str, value: Any, valid: tuple[str, ...], error: type[R2GenError] = ConfigError,
+                 where: str = "") -> None:
+    """The one check of a named choice (precision, backend, ...): ``error`` naming the valid set.
+
+    ``where`` (e.g. ``" in params.yaml"``) follows the value in the message.
+    """
     if value not in valid:
         close = difflib.get_close_matches(str(value), valid, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"unsupported {key} '{value}', must be one of: {', '.join(valid)}{hint}")
+        raise error(f"unsupported {key} '{value}'{where}, must be one of: {', '.join(valid)}{hint}")
 
 
 def _positive(key: str, value: int) -> None:

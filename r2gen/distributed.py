@@ -1,9 +1,10 @@
 """Data-parallel training: torchrun launching, the process group, and batch statistics over all ranks.
 
-``R2GEN_NPROC=N`` (until params.yaml has ``train.<p>.nproc``) makes the train stage replace itself
-with ``python -m torch.distributed.run --standalone --nproc-per-node N`` running the same command.
-Each worker reads torchrun's ``RANK``/``LOCAL_RANK``/``WORLD_SIZE`` into a :class:`World`, joins a
-gloo (CPU) or NCCL (CUDA) process group, and trains on its slice of every global batch.
+``train.<p>.nproc: N`` in params.yaml (or ``R2GEN_NPROC=N``, which overrides it) makes the train
+stage replace itself with ``python -m torch.distributed.run --standalone --nproc-per-node N`` running
+the same command. Each worker reads torchrun's ``RANK``/``LOCAL_RANK``/``WORLD_SIZE`` into a
+:class:`World`, joins a gloo (CPU) or NCCL (CUDA) process group, and trains on its slice of every
+global batch.
 
 The batch size in params.yaml is per rank: N ranks with batch b train like one process with batch
 N*b, which the training loop makes exact by weighting each rank's token-mean loss by its share of
@@ -38,7 +39,7 @@ TIMEOUT = timedelta(minutes=60)
 
 
 def requested_nproc(default: int = 1) -> int:
-    """Processes to train with: ``$R2GEN_NPROC`` if set, else ``default``."""
+    """Processes to train with: ``$R2GEN_NPROC`` if set, else ``default`` (``train.<p>.nproc``)."""
     raw = os.environ.get(NPROC_ENV, "").strip()
     if not raw:
         return default

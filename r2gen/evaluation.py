@@ -20,9 +20,11 @@ from r2gen.checkpoint import build_model, load_model_file
 from r2gen.config import EvaluateConfig
 from r2gen.data.images import load_prepared
 from r2gen.errors import R2GenError
+from r2gen.data.batches import StudyBatches
 from r2gen.metrics import clinical_efficacy, compute_nlg
+from r2gen.records import BaselineSummary, EvalSummary
 from r2gen.tokenizer import Tokenizer
-from r2gen.training import StudyBatches, evaluate_loss
+from r2gen.validation import evaluate_loss
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +41,13 @@ def score(refs: list[str], hyps: list[str], meteor: bool) -> dict:
             "CE_per_label": ce.get("CE_per_label")}
 
 
-def evaluate_model(model_path: Path, prepared: Path, cfg: EvaluateConfig, device: str = "auto") -> tuple[dict, list[dict]]:
-    """Test loss, beam-search reports and their scores for one model file.
+def evaluate_model(model_path: Path, prepared: Path, cfg: EvaluateConfig, device: str = "auto", *,
+                   threads: int) -> tuple[EvalSummary, list[dict]]:
+    """Test loss, beam-search reports and their scores for one model file, on ``threads`` CPU threads.
 
-    Returns ``(metrics, predictions)`` with predictions ``{id, reference, generated}`` per study.
+    Returns ``(summary, predictions)`` with predictions ``{id, reference, generated}`` per study.
     """
+    torch.set_num_threads(threads)
     ckpt = load_model_file(model_path)
     tokenizer = Tokenizer.load_dict(ckpt["tokenizer"], source=str(model_path))
     dev = prec.select_device(device)
@@ -75,33 +79,34 @@ def evaluate_model(model_path: Path, prepared: Path, cfg: EvaluateConfig, device
     hyps = tokenizer.batch_decode(generated_ids)
     refs = references(tokenizer, test.reports)
 
-    metrics = {
-        "precision": ckpt["info"]["train"]["precision"],
-        "eval_precision": cfg.precision,
-        "eval_backend": plan.backend,
-        "test_loss": test_loss,
+    summary = EvalSummary(
+        precision=ckpt["info"]["train"]["precision"],
+        eval_precision=cfg.precision,
+        eval_backend=plan.backend,
+        test_loss=test_loss,
         **score(refs, hyps, cfg.meteor),
-        "reports_per_s": len(hyps) / seconds if seconds else None,
-        "generation_seconds": seconds,
-        "num_beams": cfg.num_beams,
-        "max_new_tokens": cfg.max_new_tokens,
-        "test_studies": len(hyps),
-        "distinct_reports": len(set(hyps)),
-    }
+        reports_per_s=len(hyps) / seconds if seconds else None,
+        generation_seconds=seconds,
+        num_beams=cfg.num_beams,
+        max_new_tokens=cfg.max_new_tokens,
+        test_studies=len(hyps),
+        distinct_reports=len(set(hyps)),
+        threads=threads,
+    )
     predictions = [{"id": i, "reference": r, "generated": h} for i, r, h in zip(test.ids, refs, hyps)]
-    return metrics, predictions
+    return summary, predictions
 
 
-def image_blind_baseline(prepared: Path, tokenizer: Tokenizer, meteor: bool) -> dict:
+def image_blind_baseline(prepared: Path, tokenizer: Tokenizer, meteor: bool) -> BaselineSummary:
     """Scores of writing the most frequent training report for every test study (no image used)."""
     train, test = load_prepared(prepared, "train"), load_prepared(prepared, "test")
     train_refs = references(tokenizer, train.reports)
     most_common, count = Counter(train_refs).most_common(1)[0]
     refs = references(tokenizer, test.reports)
-    return {
-        "baseline": "most frequent training report",
-        "report": most_common,
-        "train_frequency": count / len(train_refs),
+    return BaselineSummary(
+        baseline="most frequent training report",
+        report=most_common,
+        train_frequency=count / len(train_refs),
         **score(refs, [most_common] * len(refs), meteor),
-        "test_studies": len(refs),
-    }
+        test_studies=len(refs),
+    )

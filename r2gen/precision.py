@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from r2gen import fp8_emulation
-from r2gen.config import BACKENDS, FP8_RECIPES, PRECISIONS
+from r2gen.config import BACKENDS, FP8_RECIPES, PRECISIONS, check_choice
 from r2gen.errors import PrecisionError
 from r2gen.fp8_emulation import EmulatedFp8Linear
 
@@ -214,9 +214,9 @@ def resolve(precision: str, backend: str = "auto", device: str | torch.device = 
             says what was found and which setting to change.
     """
     key = f"train.{precision}.backend"
-    _check_choice("precision", precision, PRECISIONS)
-    _check_choice(key, backend, BACKENDS)
-    _check_choice(f"train.{precision}.fp8_recipe", fp8_recipe, FP8_RECIPES)
+    check_choice("precision", precision, PRECISIONS, PrecisionError, " in params.yaml")
+    check_choice(key, backend, BACKENDS, PrecisionError, " in params.yaml")
+    check_choice(f"train.{precision}.fp8_recipe", fp8_recipe, FP8_RECIPES, PrecisionError, " in params.yaml")
     device = torch.device(device)
     hardware = probe_hardware(device)
     if device.type == "cuda" and not hardware.cuda_available:
@@ -497,11 +497,6 @@ def _found(hardware: Hardware, device: torch.device) -> str:
 def _no_cuda_message(what: str) -> str:
     return (f"{what} but no CUDA device is usable (torch {torch.__version__}, built with CUDA "
             f"{torch.version.cuda or 'none'}); set train.common.device to auto or cpu in params.yaml")
-
-
-def _check_choice(key: str, value: str, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise PrecisionError(f"unsupported {key} '{value}' in params.yaml, must be one of: {', '.join(valid)}")
 
 
 def _dtype_name(dtype: torch.dtype | None) -> str | None:

@@ -21,16 +21,15 @@ log = logging.getLogger("evaluate")
 def main(argv: list[str]) -> None:
     precision, prepared, model, predictions_out, metrics_out = usage(__doc__, argv, 5)
     params = load_params()
-    torch.set_num_threads(params.threads)
     torch.manual_seed(params.seed)
-    metrics, predictions = evaluate_model(Path(model), Path(prepared), params.evaluate, params.train.common.device)
-    metrics["threads"] = params.threads
+    metrics, predictions = evaluate_model(Path(model), Path(prepared), params.evaluate, params.train.common.device,
+                                          threads=params.threads)
     write_text(predictions_out, "".join(json.dumps(p) + "\n" for p in predictions))
-    write_json(metrics_out, metrics)
-    meteor = f"{metrics['METEOR']:.3f}" if metrics["METEOR"] is not None else f"null ({metrics.get('METEOR_error')})"
+    write_json(metrics_out, metrics.to_json())
+    meteor = f"{metrics.METEOR:.3f}" if metrics.METEOR is not None else f"null ({metrics.METEOR_error})"
     log.info("%s model, generated at %s | test loss %.4f | BLEU_4 %.3f | METEOR %s | ROUGE_L %.3f | CIDEr %.3f | "
-             "CE F1 %.3f | %.2f reports/s", precision, metrics["eval_precision"], metrics["test_loss"],
-             metrics["BLEU_4"], meteor, metrics["ROUGE_L"], metrics["CIDEr"], metrics["CE_F1"], metrics["reports_per_s"])
+             "CE F1 %.3f | %.2f reports/s", precision, metrics.eval_precision, metrics.test_loss,
+             metrics.BLEU_4, meteor, metrics.ROUGE_L, metrics.CIDEr, metrics.CE_F1, metrics.reports_per_s)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,9 @@ import random
 import pytest
 import torch
 
-from r2gen.batchsize import (LR_RULES, OutOfMemory, cuda_try_batch, find_max_batch, r2gen_step, scaled_lr,
-                             subprocess_try_batch)
-from r2gen.config import PRECISIONS
+from r2gen.config import PRECISIONS, TrainSpec
+from r2gen.training.batchsize import (LR_RULES, OutOfMemory, ProbeSpec, cuda_try_batch, find_max_batch, r2gen_step,
+                                      scaled_lr, subprocess_try_batch)
 from r2gen.errors import ConfigError, R2GenError
 
 from helpers import tiny_params
@@ -114,7 +114,8 @@ def test_unknown_learning_rate_rule_names_the_valid_ones():
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_r2gen_probe_step_trains_at_every_precision_and_any_batch(precision):
-    step = r2gen_step(tiny_params(), precision, vocab_size=30, device="cpu", steps=1)
+    spec = ProbeSpec.of(TrainSpec.of(tiny_params(), precision))
+    step = r2gen_step(spec, vocab_size=30, plan=spec.plan("cpu"), steps=1)
     step(3)
     step(5)  # reuses the model and optimizer built once
 
@@ -122,14 +123,14 @@ def test_r2gen_probe_step_trains_at_every_precision_and_any_batch(precision):
 @pytest.mark.slow
 def test_cpu_probe_measures_a_fresh_process_per_batch_and_memory_grows_with_batch():
     params = tiny_params()
-    try_batch = subprocess_try_batch(params, "fp32", vocab_size=30, steps=1)
+    try_batch = subprocess_try_batch(ProbeSpec.of(TrainSpec.of(params, "fp32")), vocab_size=30, steps=1)
     small, large = try_batch(2), try_batch(256)
     assert 50 * MIB < small < large  # a whole Python process with torch, then 128x the activations
 
 
 def test_cpu_probe_reports_a_failed_process_in_one_line():
     params = tiny_params()
-    try_batch = subprocess_try_batch(params, "fp32", vocab_size=1)  # the child refuses a 1-id vocabulary
+    try_batch = subprocess_try_batch(ProbeSpec.of(TrainSpec.of(params, "fp32")), vocab_size=1)  # the child refuses a 1-id vocabulary
     with pytest.raises(R2GenError, match=r"probe at batch 4 failed \(exit 1\).*vocabulary of at least 2"):
         try_batch(4)
 

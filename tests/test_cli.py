@@ -22,7 +22,7 @@ from r2gen.checkpoint import FORMAT, build_model, load_model_file
 from r2gen.cli import main
 from r2gen.data.images import load_view
 from r2gen.tokenizer import Tokenizer
-from r2gen.training import TrainPaths, train
+from r2gen.training import TrainPaths, TrainSpec, train
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +31,8 @@ def model(tmp_path_factory, tiny_data) -> dict:
     out = tmp_path_factory.mktemp("cli_model")
     paths = TrainPaths(tiny_data["prepared"], tiny_data["tokenizer"], out / "model.pt", out / "checkpoints",
                        out / "dvclive", out / "metrics.json")
-    summary = train(tiny_params(tiny_data["root"], train__common__epochs=10), "fp32", paths)
-    return {"path": paths.model_out, "summary": summary, "tokenizer": Tokenizer.load(tiny_data["tokenizer"])}
+    summary = train(TrainSpec.of(tiny_params(tiny_data["root"], train__common__epochs=10), "fp32"), paths)
+    return {"path": paths.model_out, "summary": summary.to_json(), "tokenizer": Tokenizer.load(tiny_data["tokenizer"])}
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,9 @@ from r2gen.distributed import SyncedBatchNorm2d, World, requested_nproc, sync_ba
 from r2gen.errors import ConfigError
 from r2gen.tokenizer import Tokenizer
 from r2gen.model.r2gen import R2Gen
-from r2gen.training import StudyBatches, global_batch_loss, train
+from r2gen.data.batches import StudyBatches
+from r2gen.training import TrainSpec, train
+from r2gen.training.step import global_batch_loss
 
 # Two ranks with batch 2 against one process with batch 4, dropout off (each rank draws its own
 # dropout masks). What remains is float summation order (all-reduced sums, BatchNorm statistics from
@@ -195,7 +197,7 @@ def test_process_count_comes_from_the_environment(monkeypatch):
 def one_process(tmp_path_factory, tiny_data) -> Path:
     """One process, batch 4, dropout off: the reference of the DDP runs."""
     workdir = tmp_path_factory.mktemp("one")
-    train(no_dropout_params(tiny_data["root"], 4), "fp32", paths_in(workdir, tiny_data))
+    train(TrainSpec.of(no_dropout_params(tiny_data["root"], 4), "fp32"), paths_in(workdir, tiny_data))
     return workdir
 
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import REPO
 from r2gen.cli import main
 
 FIXTURE = Path(__file__).parent / "fixtures" / "experiments"
-REPO = Path(__file__).resolve().parents[1]
 GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
            "GIT_COMMITTER_EMAIL": "t@example.com"}
 

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import yaml
 
+from helpers import REPO
 from r2gen import layout
 from r2gen.errors import ConfigError
 from r2gen.gate import evaluate, load_rules, stated_reasons
 from r2gen.records import EvalSummary, TrainSummary
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def rules(*entries, precisions=("fp32", "fp16")):

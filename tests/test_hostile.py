@@ -39,7 +39,7 @@ from r2gen.data.datasets import validate_dataset
 from r2gen.data.images import load_view
 from r2gen.errors import R2GenError
 from r2gen.tokenizer import UNK, Tokenizer
-from r2gen.training import TrainPaths, train
+from r2gen.training import TrainPaths, TrainSpec, train
 
 
 @contextlib.contextmanager
@@ -366,7 +366,7 @@ def model_file(tmp_path_factory, tiny_data) -> Path:
     out = tmp_path_factory.mktemp("hostile_model")
     paths = TrainPaths(tiny_data["prepared"], tiny_data["tokenizer"], out / "model.pt", out / "checkpoints",
                        out / "dvclive", out / "metrics.json")
-    train(tiny_params(tiny_data["root"], train__common__epochs=1), "fp32", paths)
+    train(TrainSpec.of(tiny_params(tiny_data["root"], train__common__epochs=1), "fp32"), paths)
     return paths.model_out
 
 

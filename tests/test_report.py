@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import REPO
 from r2gen.config import PRECISIONS
 from r2gen.errors import R2GenError
 from r2gen.compare.derived import throughput_ratio, time_reduction
@@ -22,7 +23,6 @@ from r2gen.compare.runs import load_run
 from r2gen.compare.single import build_report, render_markdown
 
 FIXTURE = Path(__file__).parent / "fixtures" / "report"
-REPO = Path(__file__).resolve().parents[1]
 LABELS = {"fp32": "fp32", "fp16": "fp16 (numerics only)", "bf16": "bf16", "fp8": "fp8 (emulated)"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

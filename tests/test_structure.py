@@ -16,9 +16,6 @@ from helpers import REPO
 from r2gen.config import PRECISIONS, TrainConfig
 
 MAX_FUNCTION_LINES = 80
-# Known on this branch, removed by the other parts of issue 12: drop these marks when they are merged.
-KNOWN_CYCLES = [["r2gen.batchsize", "r2gen.training"]]
-KNOWN_LONG_FUNCTIONS = {"r2gen/training.py": "training's _train (211 lines) is split up by the training refactor (issue 12)"}
 
 
 # ---------------------------------------------------------------------------------------------- precisions
@@ -121,13 +118,6 @@ def test_cycles_and_imports_of_tests_are_found_through_function_local_imports(tm
     assert "r2gen.decoding" in GRAPH["r2gen.model.r2gen"] and "r2gen.model.r2gen" not in GRAPH["r2gen.decoding"]
 
 
-def test_r2gen_has_no_import_cycles_besides_the_known_ones():
-    found = [c for c in cycles(GRAPH) if c not in KNOWN_CYCLES]
-    assert not found, "\n".join(describe_cycle(GRAPH, MODULES, c) for c in found)
-
-
-@pytest.mark.xfail(strict=True, reason="training <-> batchsize: removed by the training refactor (issue 12); "
-                                       "drop this mark and KNOWN_CYCLES after merging it")
 def test_r2gen_has_no_import_cycles():
     found = cycles(GRAPH)
     assert not found, "\n".join(describe_cycle(GRAPH, MODULES, c) for c in found)
@@ -142,9 +132,7 @@ def long_functions(path: str) -> list[str]:
             and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
 
 
-@pytest.mark.parametrize("path", [
-    pytest.param(p, marks=pytest.mark.xfail(strict=True, reason=KNOWN_LONG_FUNCTIONS[p])) if p in KNOWN_LONG_FUNCTIONS
-    else p for p in python_files(REPO, LIBRARY)])
+@pytest.mark.parametrize("path", python_files(REPO, LIBRARY))
 def test_no_function_is_longer_than_80_lines(path):
     offenders = long_functions(path)
     assert not offenders, f"split these (at most {MAX_FUNCTION_LINES} lines each):\n  " + "\n  ".join(offenders)

@@ -12,36 +12,26 @@ import pytest
 import torch
 from dvclive.plots.metric import Metric
 
-from helpers import tiny_params
+from helpers import paths_in, step_losses, tiny_params
 from r2gen.checkpoint import build_model, load_model_file, load_torch
 from r2gen.errors import R2GenError
 from r2gen.model.r2gen import R2Gen
-from r2gen.training import TrainPaths, train
-
-
-def paths_in(tmp: Path, data: dict, precision: str = "fp32") -> TrainPaths:
-    return TrainPaths(data["prepared"], data["tokenizer"], tmp / "models" / precision / "model.pt",
-                      tmp / "checkpoints" / precision, tmp / "dvclive" / precision, tmp / "metrics" / f"{precision}.json")
-
-
-def step_losses(live_dir: Path) -> list[tuple[int, float]]:
-    with open(live_dir / "plots" / "metrics" / "train" / "loss.tsv") as fh:
-        return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(fh, delimiter="\t")]
+from r2gen.training import TrainPaths, TrainSpec, train
 
 
 def test_training_writes_model_metrics_and_history(tmp_path, tiny_data):
     params = tiny_params(tiny_data["root"])
     paths = paths_in(tmp_path, tiny_data)
-    summary = train(params, "fp32", paths)
+    summary = train(TrainSpec.of(params, "fp32"), paths)
 
-    assert json.loads(paths.metrics.read_text()) == summary
-    assert summary["backend"] == "native" and summary["precision"] == "fp32"
-    assert summary["steps"] == 2 * 3  # 11 train studies, batch 4 -> 3 steps per epoch
-    assert summary["samples_per_s"] > 0 and summary["peak_memory_bytes"] > 0
-    assert summary["nonfinite_steps"] == 0 and summary["val_loss"] is not None
+    assert json.loads(paths.metrics.read_text()) == summary.to_json()
+    assert summary.backend == "native" and summary.precision == "fp32"
+    assert summary.steps == 2 * 3  # 11 train studies, batch 4 -> 3 steps per epoch
+    assert summary.samples_per_s > 0 and summary.peak_memory_bytes > 0
+    assert summary.nonfinite_steps == 0 and summary.val_loss is not None
     assert [s for s, _ in step_losses(paths.live_dir)] == list(range(6))
     ckpt = load_model_file(paths.model_out)
-    assert ckpt["info"]["train"]["train_loss"] == summary["train_loss"]
+    assert ckpt["info"]["train"]["train_loss"] == summary.train_loss
     model = build_model(ckpt)
     assert model.generate(torch.zeros(1, 2, 32, 32, dtype=torch.uint8), num_beams=2, max_new_tokens=5).shape[0] == 1
     assert not (paths.checkpoint_dir / "last.pt").exists()  # a finished run is not resumed
@@ -49,15 +39,15 @@ def test_training_writes_model_metrics_and_history(tmp_path, tiny_data):
 
 def test_same_seed_gives_identical_fp32_training(tmp_path, tiny_data):
     params = tiny_params(tiny_data["root"])
-    a = train(params, "fp32", paths_in(tmp_path / "a", tiny_data))
-    b = train(params, "fp32", paths_in(tmp_path / "b", tiny_data))
+    a = train(TrainSpec.of(params, "fp32"), paths_in(tmp_path / "a", tiny_data))
+    b = train(TrainSpec.of(params, "fp32"), paths_in(tmp_path / "b", tiny_data))
     assert step_losses(tmp_path / "a" / "dvclive" / "fp32") == step_losses(tmp_path / "b" / "dvclive" / "fp32")
-    assert a["train_loss"] == b["train_loss"] and a["val_loss"] == b["val_loss"]
+    assert a.train_loss == b.train_loss and a.val_loss == b.val_loss
 
 
 def test_rerun_after_a_crash_resumes_and_matches_an_uninterrupted_run(tmp_path, tiny_data, monkeypatch):
     params = tiny_params(tiny_data["root"], train__common__epochs=3)
-    reference = train(params, "fp32", paths_in(tmp_path / "ref", tiny_data))
+    reference = train(TrainSpec.of(params, "fp32"), paths_in(tmp_path / "ref", tiny_data))
 
     crashed = paths_in(tmp_path / "crash", tiny_data)
     calls = {"n": 0}
@@ -71,14 +61,14 @@ def test_rerun_after_a_crash_resumes_and_matches_an_uninterrupted_run(tmp_path, 
 
     monkeypatch.setattr(R2Gen, "forward", crash_in_epoch_two)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(params, "fp32", crashed)
+        train(TrainSpec.of(params, "fp32"), crashed)
     assert (crashed.checkpoint_dir / "last.pt").exists() and not crashed.model_out.exists()
     monkeypatch.setattr(R2Gen, "forward", original)
 
-    resumed = train(params, "fp32", crashed)
+    resumed = train(TrainSpec.of(params, "fp32"), crashed)
     assert step_losses(crashed.live_dir) == step_losses(tmp_path / "ref" / "dvclive" / "fp32")
     for key in ("train_loss", "val_loss", "steps", "nonfinite_steps"):
-        assert resumed[key] == reference[key], key
+        assert getattr(resumed, key) == getattr(reference, key), key
     a = load_model_file(crashed.model_out)["state_dict"]
     b = load_model_file(tmp_path / "ref" / "models" / "fp32" / "model.pt")["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -98,31 +88,31 @@ def test_checkpoint_of_another_config_is_not_resumed(tmp_path, tiny_data, monkey
 
     monkeypatch.setattr(R2Gen, "forward", crash)
     with pytest.raises(RuntimeError):
-        train(params, "fp32", paths)
+        train(TrainSpec.of(params, "fp32"), paths)
     monkeypatch.setattr(R2Gen, "forward", original)
-    other = train(tiny_params(tiny_data["root"], train__common__lr_ed=5e-4), "fp32", paths)
-    assert other["steps"] == 6  # trained from scratch, not from the stale checkpoint
+    other = train(TrainSpec.of(tiny_params(tiny_data["root"], train__common__lr_ed=5e-4), "fp32"), paths)
+    assert other.steps == 6  # trained from scratch, not from the stale checkpoint
 
 
 def test_consecutive_nonfinite_losses_stop_with_a_clear_error(tmp_path, tiny_data, monkeypatch):
     params = tiny_params(tiny_data["root"], train__common__max_nonfinite_steps=2)
     monkeypatch.setattr(R2Gen, "loss", classmethod(lambda cls, logprobs, labels: logprobs.sum() * float("nan")))
     with pytest.raises(R2GenError, match="2 consecutive non-finite steps"):
-        train(params, "fp32", paths_in(tmp_path, tiny_data))
+        train(TrainSpec.of(params, "fp32"), paths_in(tmp_path, tiny_data))
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16", "fp8"])
 def test_lower_precisions_train_and_record_what_ran(tmp_path, tiny_data, precision):
     params = tiny_params(tiny_data["root"], train__common__epochs=1)
-    summary = train(params, precision, paths_in(tmp_path, tiny_data, precision))
-    assert summary["precision"] == precision
-    assert summary["nonfinite_steps"] == 0
+    summary = train(TrainSpec.of(params, precision), paths_in(tmp_path, tiny_data, precision))
+    assert summary.precision == precision
+    assert summary.nonfinite_steps == 0
     if precision == "fp16":
-        assert summary["grad_scaler_final_scale"] is not None
+        assert summary.grad_scaler_final_scale is not None
     if precision == "fp8":
-        assert summary["backend"] == "emulated"  # no GPU with Transformer Engine here
+        assert summary.backend == "emulated"  # no GPU with Transformer Engine here
         # one encoder layer (4 attention + 2 FFN) and one decoder layer (8 attention + 2 FFN)
-        assert summary["fp8_linear_converted"] == 16 < summary["fp8_linear_total"]
+        assert summary.fp8_linear_converted == 16 < summary.fp8_linear_total
     # the shipped weights are plain fp32 weights that load into an unconverted model
     model = build_model(load_model_file(paths_in(tmp_path, tiny_data, precision).model_out))
     assert all(p.dtype == torch.float32 for p in model.parameters())
@@ -133,7 +123,7 @@ def test_bf16_and_emulated_fp8_losses_track_fp32_over_30_steps(tmp_path, tiny_da
     params = tiny_params(tiny_data["root"], train__common__epochs=10, train__common__validate="last")
     curves = {}
     for precision in ("fp32", "bf16", "fp8"):
-        train(params, precision, paths_in(tmp_path, tiny_data, precision))
+        train(TrainSpec.of(params, precision), paths_in(tmp_path, tiny_data, precision))
         curves[precision] = [loss for _, loss in step_losses(tmp_path / "dvclive" / precision)]
     assert len(curves["fp32"]) == 30
     assert curves["fp32"][-1] < curves["fp32"][0] - 0.5  # it learns
@@ -161,18 +151,18 @@ def crash_at_call(n: int, original):
 
 def test_a_history_cut_mid_write_by_a_kill_is_repaired_on_resume(tmp_path, tiny_data, monkeypatch):
     params = tiny_params(tiny_data["root"], train__common__epochs=3)
-    train(params, "fp32", paths_in(tmp_path / "ref", tiny_data))
+    train(TrainSpec.of(params, "fp32"), paths_in(tmp_path / "ref", tiny_data))
     crashed = paths_in(tmp_path / "crash", tiny_data)
     monkeypatch.setattr(R2Gen, "forward", crash_at_call(9, R2Gen.forward))  # inside epoch 3
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(params, "fp32", crashed)
+        train(TrainSpec.of(params, "fp32"), crashed)
     monkeypatch.undo()
     # A SIGKILL can land inside dvclive's writes: half a history row, an emptied summary file.
     with open(crashed.live_dir / "plots" / "metrics" / "train" / "loss.tsv", "a") as fh:
         fh.write("7\t4.")
     (crashed.live_dir / "metrics.json").write_text("")
 
-    train(params, "fp32", crashed)
+    train(TrainSpec.of(params, "fp32"), crashed)
     ref_live = tmp_path / "ref" / "dvclive" / "fp32"
     assert step_losses(crashed.live_dir) == step_losses(ref_live)
     summary = json.loads((crashed.live_dir / "metrics.json").read_text())
@@ -197,12 +187,12 @@ def test_disk_full_while_checkpointing_keeps_the_last_good_checkpoint(tmp_path, 
 
     monkeypatch.setattr(torch, "save", save_until_the_disk_fills)
     with pytest.raises(R2GenError, match=r"could not write .*last\.pt: No space left on device; check free disk space"):
-        train(params, "fp32", paths)
+        train(TrainSpec.of(params, "fp32"), paths)
     monkeypatch.undo()
     assert load_torch(paths.checkpoint_dir / "last.pt")["state"]["epoch"] == 1  # the epoch-1 checkpoint, intact
     assert sorted(p.name for p in paths.checkpoint_dir.iterdir()) == ["last.pt"]  # no half-written temp file
     assert not paths.model_out.exists() and not paths.metrics.exists()
-    assert train(params, "fp32", paths)["steps"] == 9  # space freed: the rerun resumes and finishes
+    assert train(TrainSpec.of(params, "fp32"), paths).steps == 9  # space freed: the rerun resumes and finishes
 
 
 def test_disk_full_while_logging_is_a_clear_error_and_the_rerun_resumes(tmp_path, tiny_data, monkeypatch):
@@ -219,9 +209,9 @@ def test_disk_full_while_logging_is_a_clear_error_and_the_rerun_resumes(tmp_path
 
     monkeypatch.setattr(Metric, "dump", dump_until_the_disk_fills)
     with pytest.raises(R2GenError, match="could not write the training history in .*: No space left on device"):
-        train(params, "fp32", paths)
+        train(TrainSpec.of(params, "fp32"), paths)
     monkeypatch.undo()
-    assert train(params, "fp32", paths)["steps"] == 6
+    assert train(TrainSpec.of(params, "fp32"), paths).steps == 6
     assert [s for s, _ in step_losses(paths.live_dir)] == list(range(6))
 
 
@@ -229,7 +219,7 @@ def test_an_unwritable_output_directory_fails_before_training(tmp_path, tiny_dat
     (tmp_path / "models").write_text("a file where the model folder should be")
     paths = paths_in(tmp_path, tiny_data)
     with pytest.raises(R2GenError, match=r"cannot write to output directory .*models/fp32"):
-        train(tiny_params(tiny_data["root"]), "fp32", paths)
+        train(TrainSpec.of(tiny_params(tiny_data["root"]), "fp32"), paths)
     assert not paths.checkpoint_dir.exists() and not paths.live_dir.exists()  # failed before any work
 
 
@@ -265,7 +255,7 @@ def test_a_stopped_run_keeps_the_last_good_checkpoint_and_writes_no_outputs(tmp_
     paths = paths_in(tmp_path, tiny_data)
     monkeypatch.setattr(R2Gen, "loss", loss_spoiled_at({5, 6}, lambda loss: loss * float("nan")))  # epoch 2
     with pytest.raises(R2GenError, match="2 consecutive non-finite steps .* last good checkpoint is kept"):
-        train(params, "fp32", paths)
+        train(TrainSpec.of(params, "fp32"), paths)
     assert load_torch(paths.checkpoint_dir / "last.pt")["state"]["epoch"] == 1
     assert not paths.model_out.exists() and not paths.metrics.exists()
 
@@ -273,10 +263,10 @@ def test_a_stopped_run_keeps_the_last_good_checkpoint_and_writes_no_outputs(tmp_
 def test_fp16_grad_scaler_skips_overflowing_steps_and_counts_them(tmp_path, tiny_data, monkeypatch):
     params = tiny_params(tiny_data["root"], train__common__epochs=1)
     monkeypatch.setattr(R2Gen, "loss", loss_spoiled_at({1, 2}, InfiniteGradient.apply))
-    summary = train(params, "fp16", paths_in(tmp_path, tiny_data, "fp16"))
-    assert summary["grad_scaler_skipped_steps"] == 2
-    assert summary["nonfinite_steps"] == 0  # the losses were finite; their gradients were not
-    assert summary["grad_scaler_final_scale"] == 2.0**16 * 0.5**2  # halved at each skipped step
+    summary = train(TrainSpec.of(params, "fp16"), paths_in(tmp_path, tiny_data, "fp16"))
+    assert summary.grad_scaler_skipped_steps == 2
+    assert summary.nonfinite_steps == 0  # the losses were finite; their gradients were not
+    assert summary.grad_scaler_final_scale == 2.0**16 * 0.5**2  # halved at each skipped step
     tsv = tmp_path / "dvclive" / "fp16" / "plots" / "metrics" / "train" / "loss_scale.tsv"
     scales = [float(r["loss_scale"]) for r in csv.DictReader(tsv.read_text().splitlines(), delimiter="\t")]
     assert scales == [2.0**15, 2.0**14, 2.0**14]
@@ -287,6 +277,6 @@ def test_fp16_consecutive_overflows_stop_the_run_with_a_clear_error(tmp_path, ti
     paths = paths_in(tmp_path, tiny_data, "fp16")
     monkeypatch.setattr(R2Gen, "loss", loss_spoiled_at(set(range(4, 100)), InfiniteGradient.apply))  # epoch 2 on
     with pytest.raises(R2GenError, match="fp16: 3 consecutive non-finite steps"):
-        train(params, "fp16", paths)
+        train(TrainSpec.of(params, "fp16"), paths)
     assert load_torch(paths.checkpoint_dir / "last.pt")["state"]["epoch"] == 1
     assert not paths.model_out.exists()

@@ -26,6 +26,7 @@ for it (the rules and the default are documented there).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import resource
@@ -37,8 +38,15 @@ from typing import Callable
 
 import torch
 
-from r2gen.config import Params
+from r2gen import precision as prec
+from r2gen.config import ModelConfig, TrainCommon, TrainPrecision, TrainSpec, from_dict, to_dict
+from r2gen.distributed import World
 from r2gen.errors import ConfigError, R2GenError
+from r2gen.model.r2gen import R2Gen
+from r2gen.training.state import TrainState
+from r2gen.training.step import build_optimizer, train_step
+
+log = logging.getLogger(__name__)
 
 LR_RULES: tuple[str, ...] = ("none", "linear", "sqrt")
 DEFAULT_LR_RULE = "sqrt"
@@ -183,49 +191,71 @@ def scaled_lr(base_lr: float, base_batch: int, batch: int, rule: str = DEFAULT_L
 
 
 # ---------------------------------------------------------------------------------------- our model
-def r2gen_step(params: Params, precision: str, vocab_size: int, device: torch.device | str,
+@dataclass(frozen=True)
+class ProbeSpec:
+    """What a probe's training step reads: the model, the optimizer, the precision, the input shape.
+
+    A CPU probe process receives exactly this, as JSON (:meth:`to_dict`), not the whole config.
+    """
+
+    precision: str
+    seed: int
+    threads: int
+    views: int  # views per study (data.dataset)
+    image_size: int  # data.image_size
+    max_seq_length: int  # tokenizer.max_seq_length: every probed report is this long
+    model: ModelConfig
+    common: TrainCommon
+    train: TrainPrecision  # train.<precision>
+
+    @classmethod
+    def of(cls, spec: TrainSpec) -> "ProbeSpec":
+        return cls(spec.precision, spec.seed, spec.threads, spec.data.views, spec.data.image_size,
+                   spec.tokenizer.max_seq_length, spec.model, spec.common, spec.train)
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "ProbeSpec":
+        return from_dict(cls, raw, source="batch-size probe request")
+
+    def plan(self, device: torch.device | str) -> prec.PrecisionPlan:
+        """The precision plan of a probe process (the training process hands in its own)."""
+        return prec.resolve(self.precision, self.train.backend, device, self.train.fp8_recipe)
+
+
+def r2gen_step(spec: ProbeSpec, vocab_size: int, plan: prec.PrecisionPlan,
                steps: int = PROBE_STEPS) -> Callable[[int], None]:
-    """A function ``step(batch)`` that runs ``steps`` training steps of R2Gen at ``precision``.
+    """A function ``step(batch)`` that runs ``steps`` training steps of R2Gen under ``plan``.
 
     The model, optimizer and GradScaler are built here, as :mod:`r2gen.training` builds them, and
     live as long as the returned function: build it before the real model, and drop it before
-    training. The steps follow the training loop's order (forward, zero_grad, backward, unscale,
-    clip, step), so the gradients of the previous step are alive during the next forward, as in
-    training. Input is random: uint8 views at ``data.image_size`` and reports of
+    training. Each step is training's :func:`~r2gen.training.step.train_step` (forward, zero_grad,
+    backward, unscale, clip, step), so the gradients of the previous step are alive during the next
+    forward, as in training. Input is random: uint8 views at ``data.image_size`` and reports of
     ``tokenizer.max_seq_length`` tokens without padding, the longest any batch can hold.
     """
-    from r2gen import precision as prec
-    from r2gen.model.r2gen import R2Gen
-    from r2gen.training import build_optimizer
-
     if vocab_size < 2:
         raise R2GenError(f"batch-size probe needs a vocabulary of at least 2 ids, got {vocab_size}")
-    device = torch.device(device)
-    pcfg = params.train.for_precision(precision)
-    plan = prec.resolve(precision, pcfg.backend, device, pcfg.fp8_recipe)
+    device = plan.device
     prec.set_fp32_numerics(device)
-    torch.manual_seed(params.seed)
-    model = R2Gen(params.model, vocab_size).to(device)
+    torch.manual_seed(spec.seed)
+    model = R2Gen(spec.model, vocab_size).to(device)
     prec.convert_model(model, plan)
-    optimizer, _ = build_optimizer(model, params)
+    optimizer, _ = build_optimizer(model, spec.common)
     scaler = plan.grad_scaler()
     model.train()
-    views, size, length = params.data.views, params.data.image_size, params.tokenizer.max_seq_length
-    clip = params.train.common.grad_clip_value
+    views, size, length = spec.views, spec.image_size, spec.max_seq_length
 
     def step(batch: int) -> None:
         images = torch.randint(0, 256, (batch, views, size, size), dtype=torch.uint8).to(device)  # (B, V, S, S)
         labels = torch.randint(1, vocab_size, (batch, length)).to(device)  # (B, T): no padding anywhere
         labels[:, 0] = 0  # BOS
         for _ in range(steps):
-            with plan.autocast():
-                loss = model(images, labels).loss
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_value_(model.parameters(), clip)
-            scaler.step(optimizer)
-            scaler.update()
+            # A probe measures a full step, whatever the loss: no skipping, no host sync before the update.
+            train_step(model, images, labels, optimizer, scaler, plan, spec.common.grad_clip_value,
+                       skip_nonfinite=False)
 
     return step
 
@@ -253,8 +283,7 @@ def cuda_try_batch(step: Callable[[int], None], device: torch.device | str) -> C
     return try_batch
 
 
-def subprocess_try_batch(params: Params, precision: str, vocab_size: int,
-                         steps: int = PROBE_STEPS) -> Callable[[int], int]:
+def subprocess_try_batch(spec: ProbeSpec, vocab_size: int, steps: int = PROBE_STEPS) -> Callable[[int], int]:
     """``try_batch`` for :func:`find_max_batch` on CPU: the peak RSS of a fresh process running the steps.
 
     Raises (from ``try_batch``):
@@ -264,11 +293,10 @@ def subprocess_try_batch(params: Params, precision: str, vocab_size: int,
     # The probe process imports this package from where this process did, installed or not.
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    code = "from r2gen.batchsize import _probe_child; _probe_child()"
+    code = "from r2gen.training.batchsize import _probe_child; _probe_child()"
 
     def try_batch(batch: int) -> int:
-        request = json.dumps({"params": params.to_dict(), "precision": precision, "vocab_size": vocab_size,
-                              "batch": batch, "steps": steps})
+        request = json.dumps({"spec": spec.to_dict(), "vocab_size": vocab_size, "batch": batch, "steps": steps})
         proc = subprocess.run([sys.executable, "-c", code], input=request, capture_output=True, text=True, env=env)
         if proc.returncode < 0:  # killed by a signal: SIGKILL is how the kernel's OOM killer ends it
             raise OutOfMemory(f"probe process killed by signal {-proc.returncode}")
@@ -287,9 +315,9 @@ def subprocess_try_batch(params: Params, precision: str, vocab_size: int,
 def _probe_child() -> None:
     """Body of a CPU probe process: one JSON request on stdin, one JSON answer line on stdout."""
     request = json.loads(sys.stdin.read())
-    params = Params.from_dict(request["params"], source="batch-size probe request")
-    torch.set_num_threads(params.threads)
-    step = r2gen_step(params, request["precision"], request["vocab_size"], "cpu", request["steps"])
+    spec = ProbeSpec.from_dict(request["spec"])
+    torch.set_num_threads(spec.threads)
+    step = r2gen_step(spec, request["vocab_size"], spec.plan("cpu"), request["steps"])
     failure = None
     try:
         step(request["batch"])
@@ -301,22 +329,62 @@ def _probe_child() -> None:
     print(json.dumps(answer), flush=True)
 
 
-def probe_max_batch(params: Params, precision: str, vocab_size: int, device: torch.device | str,
-                    budget_bytes: int, start: int, limit: int) -> ProbeResult:
-    """:func:`find_max_batch` for R2Gen at ``precision`` on ``device``, bisecting until the bounds are 8 apart.
+def probe_max_batch(spec: ProbeSpec, plan: prec.PrecisionPlan, vocab_size: int, budget_bytes: int, start: int,
+                    limit: int) -> ProbeResult:
+    """:func:`find_max_batch` for R2Gen under ``plan`` (its device), bisecting until the bounds are 8 apart.
 
     On CUDA the probe runs in this process (its model is freed before this returns). On CPU each
     probe is a fresh process: 10-30 s on our 2-core machines (process start, torch import, two
     steps, the first of which warms up the kernels), so a coarser bisection saves minutes there.
     """
-    device = torch.device(device)
-    if device.type == "cuda":
-        result = find_max_batch(cuda_try_batch(r2gen_step(params, precision, vocab_size, device), device),
+    if plan.device.type == "cuda":
+        result = find_max_batch(cuda_try_batch(r2gen_step(spec, vocab_size, plan), plan.device),
                                 budget_bytes, start, limit, resolution=PROBE_RESOLUTION)
         torch.cuda.empty_cache()  # the probe's model and optimizer went with its closure
         return result
-    return find_max_batch(subprocess_try_batch(params, precision, vocab_size), budget_bytes, start, limit,
+    return find_max_batch(subprocess_try_batch(spec, vocab_size), budget_bytes, start, limit,
                           resolution=PROBE_RESOLUTION)
+
+
+@dataclass(frozen=True)
+class BatchChoice:
+    """The batch a run trains at and the learning-rate factor that goes with it."""
+
+    batch: int  # per process
+    lr_factor: float  # both learning rates are multiplied by it
+    probe: str | None  # the probe's summary line (batch_mode max), else None
+
+
+def choose_batch(spec: TrainSpec, plan: prec.PrecisionPlan, vocab_size: int, world: World, train_studies: int,
+                 resumed: TrainState | None) -> BatchChoice:
+    """The batch per process for ``train.common.batch_mode``, and its learning-rate factor.
+
+    ``configured`` and ``equal``: ``train.<p>.batch_size`` (``equal``: the config checked it is the
+    same for every precision) at the learning rates of params.yaml. ``max``: the largest batch whose
+    training step fits ``memory_budget_gb``, found by rank 0's probe (:func:`probe_max_batch`) and
+    never above the training split (per process); the learning rates are rescaled from
+    ``train.<p>.batch_size`` by ``lr_scaling``. A resumed run keeps the batch its first probe chose.
+    """
+    common, base = spec.common, spec.train.batch_size
+    if common.batch_mode != "max":
+        return BatchChoice(base, 1.0, None)
+    if resumed is not None and resumed.batch_size is not None:
+        batch, summary = resumed.batch_size, resumed.batch_probe
+        log.info("batch probe: resumed run keeps batch %d", batch)
+    else:
+        answer = None
+        if world.is_main:
+            budget = (int(common.memory_budget_gb * 2**30) if common.memory_budget_gb is not None
+                      else default_budget_bytes(plan.device))
+            limit = max(1, train_studies // world.size)
+            log.info("batch probe: %s on %s, budget %.2f GiB, from batch %d up to %d", spec.precision,
+                     plan.device.type, budget / 2**30, min(base, limit), limit)
+            result = probe_max_batch(ProbeSpec.of(spec), plan, vocab_size, budget, min(base, limit), limit)
+            for line in result.log_lines():
+                log.info("batch probe: %s", line)
+            answer = (result.batch, result.summary())
+        batch, summary = world.broadcast(answer)
+    return BatchChoice(batch, scaled_lr(1.0, base, batch, common.lr_scaling), summary)
 
 
 def default_budget_bytes(device: torch.device | str) -> int:

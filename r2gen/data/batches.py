@@ -1,0 +1,88 @@
+"""Mini-batches of a prepared split for training (shuffled, augmented, sharded over DDP ranks) and evaluation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from r2gen.data.images import PreparedSplit
+from r2gen.tokenizer import Tokenizer
+
+
+class StudyBatches:
+    """Mini-batches ``(uint8 images (B, V, S, S), token ids (B, T))`` from a prepared split.
+
+    Training batches are shuffled by ``generator``, and each view is randomly cropped (and
+    optionally flipped) as R2Gen's torchvision transforms do; evaluation batches are in order.
+
+    With ``world`` ranks, ``batch_size`` is per rank: every rank draws the same permutation and the
+    same augmentation for the global batch of ``world * batch_size`` studies and keeps its slice,
+    so N ranks see exactly the studies (and crops) one process sees with batch ``N * batch_size``.
+    A last global batch too small to give every rank a study is skipped. Evaluation shards studies
+    round-robin (rank r: studies r, r+N, ...).
+    """
+
+    def __init__(self, split: PreparedSplit, tokenizer: Tokenizer, batch_size: int, image_size: int,
+                 *, train: bool, hflip: bool = False, generator: torch.Generator | None = None,
+                 rank: int = 0, world: int = 1):
+        self.split, self.batch_size, self.image_size = split, batch_size, image_size
+        self.train, self.hflip, self.generator = train, hflip, generator
+        self.rank, self.world = rank, world
+        self.labels = [torch.tensor(tokenizer.encode(r), dtype=torch.long) for r in split.reports]
+
+    def __len__(self) -> int:
+        n, step = len(self.labels), self.batch_size * self.world
+        if not self.train:
+            return math.ceil(len(range(self.rank, n, self.world)) / self.batch_size)
+        return n // step + (n % step >= self.world)
+
+    def __iter__(self):
+        n = len(self.labels)
+        if not self.train:
+            mine = torch.arange(self.rank, n, self.world)
+            for start in range(0, len(mine), self.batch_size):
+                yield self._batch(mine[start : start + self.batch_size], None)
+            return
+        order = torch.randperm(n, generator=self.generator)
+        step = self.batch_size * self.world
+        for start in range(0, n, step):
+            idx = order[start : start + step]  # the global batch
+            if len(idx) < self.world:
+                break
+            augment = self._draw_augmentation(len(idx))
+            # Equal slices of a full batch; slices of a short last batch differ in size by one at most.
+            sizes = [len(part) for part in torch.tensor_split(idx, self.world)]
+            lo = sum(sizes[: self.rank])
+            hi = lo + sizes[self.rank]
+            yield self._batch(idx[lo:hi], {k: v[lo:hi] for k, v in augment.items()})
+
+    def _draw_augmentation(self, B: int) -> dict[str, torch.Tensor]:
+        """Random crop offsets (B, V, 2) and flips (B, V) of a global batch, drawn in R2Gen's order."""
+        V, S = self.split.images.shape[1], self.split.images.shape[-1]
+        out = {}
+        if S > self.image_size:  # RandomCrop, drawn per view like R2Gen's per-image transform
+            out["offsets"] = torch.randint(0, S - self.image_size + 1, (B, V, 2), generator=self.generator)
+        if self.hflip:
+            out["flip"] = torch.rand(B, V, generator=self.generator) < 0.5
+        return out
+
+    def _batch(self, idx: torch.Tensor, augment: dict[str, torch.Tensor] | None):
+        images = torch.from_numpy(np.ascontiguousarray(self.split.images[idx.numpy()]))
+        if augment is not None:
+            images = self._augment(images, augment)
+        labels = torch.nn.utils.rnn.pad_sequence([self.labels[i] for i in idx.tolist()], batch_first=True)
+        return images, labels
+
+    def _augment(self, images: torch.Tensor, augment: dict[str, torch.Tensor]) -> torch.Tensor:
+        size = self.image_size
+        if "offsets" in augment:
+            images = torch.stack([
+                torch.stack([images[b, v, y : y + size, x : x + size] for v, (y, x) in enumerate(offsets.tolist())])
+                for b, offsets in enumerate(augment["offsets"])
+            ])
+        if "flip" in augment:
+            images = torch.where(augment["flip"][:, :, None, None], images.flip(-1), images)
+        return images
+

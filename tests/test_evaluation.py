@@ -1,0 +1,43 @@
+"""Evaluation and the image-blind baseline build their typed records, with the keys the metrics files always had."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import tiny_params
+from r2gen.evaluation import evaluate_model, image_blind_baseline
+from r2gen.records import BaselineSummary, EvalSummary
+from r2gen.tokenizer import Tokenizer
+from r2gen.training import TrainPaths, TrainSpec, train
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory, tiny_data):
+    out = tmp_path_factory.mktemp("eval_model")
+    paths = TrainPaths(tiny_data["prepared"], tiny_data["tokenizer"], out / "model.pt", out / "checkpoints",
+                       out / "dvclive", out / "metrics.json")
+    train(TrainSpec.of(tiny_params(tiny_data["root"], train__common__epochs=1), "fp16"), paths)
+    return paths.model_out
+
+
+def test_evaluation_returns_the_complete_record_threads_included(model_path, tiny_data):
+    threads = torch.get_num_threads()
+    try:
+        summary, predictions = evaluate_model(model_path, tiny_data["prepared"], tiny_params().evaluate, "cpu",
+                                              threads=2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert isinstance(summary, EvalSummary)
+    assert (summary.precision, summary.eval_precision, summary.threads) == ("fp16", "fp32", 2)
+    assert summary.METEOR is None and "meteor=False" in summary.METEOR_error
+    assert list(summary.to_json()) == list(EvalSummary.keys())  # METEOR_error after CIDEr, threads last
+    assert summary.test_studies == len(predictions) and set(predictions[0]) == {"id", "reference", "generated"}
+
+
+def test_the_baseline_is_a_baseline_record(tiny_data):
+    summary = image_blind_baseline(tiny_data["prepared"], Tokenizer.load(tiny_data["tokenizer"]), meteor=False)
+    assert isinstance(summary, BaselineSummary)
+    assert list(summary.to_json()) == list(BaselineSummary.keys())
+    assert BaselineSummary.from_json(summary.to_json()) == summary
