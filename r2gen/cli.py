@@ -241,7 +241,7 @@ def cmd_check_metrics(args: argparse.Namespace) -> int:
     failed = [c for c in checks if not c.ok]
     skipped = [c for c in checks if c.skipped]
     print(f"{len(checks) - len(failed) - len(skipped)}/{len(checks)} metrics within tolerance of {args.base}"
-          + (f"; {len(skipped)} skipped (no value on either side)" if skipped else "")
+          + (f"; {len(skipped)} skipped (reason on each line)" if skipped else "")
           + (f"; {len(failed)} FAILED" if failed else ""))
     return 1 if failed else 0
 

@@ -7,6 +7,12 @@ cannot load a file, so a deleted or unreadable metric must not pass silently. Th
 metric that has no value on either side and whose workspace file says why (``<key>_error``, e.g.
 METEOR switched off or without Java) is reported as ``skip`` with that reason. Throughput is gated
 only as a ratio to fp32 measured in the same run, never as an absolute time.
+
+Speed and memory depend on the machine as much as on the code (``measures: speed|memory``): they are
+compared only when the baseline and the workspace ran on the same kind of machine (device, device name
+and CPU capability of the training runs involved), and speed only where it is a speed measurement on
+both sides (``speed_comparable``: not emulated, not autocast without native kernels). Otherwise the
+check is a visible ``skip`` with the reason, never a pass or a failure by accident of the hardware.
 """
 
 from __future__ import annotations
@@ -16,10 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from r2gen import layout
 from r2gen.compare.derived import known
 from r2gen.errors import ConfigError
 
 DIRECTIONS = ("higher", "lower")
+MEASURES = ("speed", "memory")  # machine-dependent metrics: see the module docstring
+# What a training run records of its machine (TrainSummary fields) that must agree across the two sides.
+MACHINE_KEYS = ("device", "device_name", "cpu_capability")
 
 
 @dataclass(frozen=True)
@@ -30,6 +40,7 @@ class Rule:
     tolerance: dict[str, float]  # precision -> allowed move in the bad direction ("default" for others)
     relative: bool = False  # tolerance as a fraction of the baseline value
     ratio_to: str | None = None  # gate value_p / value_<ratio_to> (same run) instead of value_p
+    measures: str | None = None  # speed | memory: compared only on the same kind of machine (speed: where comparable)
 
     def allowed(self, precision: str) -> float:
         return self.tolerance.get(precision, self.tolerance["default"])
@@ -61,7 +72,9 @@ def load_rules(raw: dict[str, Any], source: str = "metrics_gate.yaml") -> tuple[
     rules = []
     for i, entry in enumerate(raw["metrics"]):
         where = f"{source}: metrics[{i}]"
-        unknown = set(entry) - {"key", "file", "better", "tolerance", "relative", "ratio_to"}
+        if not isinstance(entry, dict) or not isinstance(entry.get("key"), str) or not isinstance(entry.get("file"), str):
+            raise ConfigError(f"{where} must be a mapping with a 'key' and a 'file' (strings)")
+        unknown = set(entry) - {"key", "file", "better", "tolerance", "relative", "ratio_to", "measures"}
         if unknown:
             raise ConfigError(f"{where} has unknown field(s) {sorted(unknown)}")
         if entry.get("better") not in DIRECTIONS:
@@ -70,8 +83,10 @@ def load_rules(raw: dict[str, Any], source: str = "metrics_gate.yaml") -> tuple[
         tol = {"default": tol} if isinstance(tol, (int, float)) else tol
         if not isinstance(tol, dict) or "default" not in tol or not all(isinstance(v, (int, float)) and v >= 0 for v in tol.values()):
             raise ConfigError(f"{where}: 'tolerance' must be a number >= 0 or a mapping with a 'default'")
+        if entry.get("measures") not in (None, *MEASURES):
+            raise ConfigError(f"{where}: 'measures' must be one of {MEASURES} (or left out)")
         rules.append(Rule(entry["key"], entry["file"], entry["better"], {k: float(v) for k, v in tol.items()},
-                          bool(entry.get("relative", False)), entry.get("ratio_to")))
+                          bool(entry.get("relative", False)), entry.get("ratio_to"), entry.get("measures")))
     return list(raw["precisions"]), rules
 
 
@@ -89,6 +104,14 @@ def evaluate(diff: dict[str, dict], precisions: list[str], rules: list[Rule],
             if rule.ratio_to == p:
                 continue
             name = f"{p} {rule.key}" + (f"/{rule.ratio_to}" if rule.ratio_to else "")
+            tol = rule.allowed(p)
+            limit = f"{'-' if rule.better == 'higher' else '+'}{tol:.0%}" if rule.relative else \
+                f"{'-' if rule.better == 'higher' else '+'}{tol:g}"
+            incomparable = not_comparable(diff, rule, p)
+            if incomparable:
+                old, new, _ = _values(diff, rule, p)
+                checks.append(Check(name, True, old, new, limit, f"not compared: {incomparable}", skipped=True))
+                continue
             old, new, missing = _values(diff, rule, p)
             if rule.ratio_to and not missing:
                 ref_old, ref_new, ref_missing = _values(diff, rule, rule.ratio_to)
@@ -97,9 +120,6 @@ def evaluate(diff: dict[str, dict], precisions: list[str], rules: list[Rule],
                     old = old / ref_old if ref_old else None
                     new = new / ref_new if ref_new else None
                     missing = [] if old is not None and new is not None else [f"{rule.ratio_to} {rule.key} is 0"]
-            tol = rule.allowed(p)
-            limit = f"{'-' if rule.better == 'higher' else '+'}{tol:.0%}" if rule.relative else \
-                f"{'-' if rule.better == 'higher' else '+'}{tol:g}"
             why = reasons.get(rule.path(p), {}).get(rule.key)
             if missing and why and not known(old) and not known(new):
                 checks.append(Check(name, True, old, new, limit, f"no value on either side: {why}", skipped=True))
@@ -113,6 +133,35 @@ def evaluate(diff: dict[str, dict], precisions: list[str], rules: list[Rule],
             ok = worse_by <= allowed + 1e-12
             checks.append(Check(name, ok, old, new, limit, "" if ok else f"worse by {worse_by:.4g}"))
     return checks
+
+
+def not_comparable(diff: dict[str, dict], rule: Rule, precision: str) -> str | None:
+    """Why a speed or memory metric of ``precision`` cannot be compared across the two sides, or None.
+
+    The training runs involved (``precision`` and, for a ratio, ``rule.ratio_to``) must have run on the
+    same kind of machine on both sides; a speed metric must also be a speed measurement on both sides.
+    A run whose record lacks these fields is not excused: its metric is compared (and fails if missing).
+    """
+    if rule.measures is None:
+        return None
+    for p in dict.fromkeys([precision, *([rule.ratio_to] if rule.ratio_to else [])]):
+        train = diff.get(layout.train_summary(p).as_posix(), {})
+        sides = {side: tuple(train.get(k, {}).get(side) for k in MACHINE_KEYS) for side in ("old", "new")}
+        if None not in sides["old"] and None not in sides["new"] and sides["old"] != sides["new"]:
+            return (f"{p} ran on another kind of machine ({_machine(sides['old'])} in the baseline, "
+                    f"{_machine(sides['new'])} here); {rule.measures} is not comparable across machines")
+        if rule.measures == "speed":
+            flags = {side: train.get("speed_comparable", {}).get(side) for side in ("old", "new")}
+            off = [side for side, flag in flags.items() if flag is False]
+            if off:
+                where = " and ".join({"old": "the baseline", "new": "the workspace"}[s] for s in off)
+                return f"{p} is numerics only in {where}, not a speed measurement"
+    return None
+
+
+def _machine(values: tuple) -> str:
+    device, name, cpu = values
+    return f"{name} ({cpu})" if str(device).startswith("cpu") else f"{name} ({device})"
 
 
 def _values(diff: dict[str, dict], rule: Rule, precision: str) -> tuple[Any, Any, list[str]]:

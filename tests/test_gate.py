@@ -112,3 +112,89 @@ def test_stated_reasons_come_from_the_workspace_files_error_keys(tmp_path, monke
     (tmp_path / "m/fp16.json").write_text("not json")
     precisions, rs = rules({**BLEU, "key": "METEOR"}, BLEU)
     assert stated_reasons(rs, precisions) == {"m/fp32.json": {"METEOR": "java not found"}}
+
+
+# ---------------------------------------------------------------------------------- machine-dependent metrics
+SPEED = {"key": "samples_per_s", "file": "metrics/train/{precision}.json", "better": "higher", "relative": True,
+         "tolerance": 0.5, "ratio_to": "fp32", "measures": "speed"}
+MEMORY = {"key": "peak_memory_bytes", "file": "metrics/train/{precision}.json", "better": "lower", "relative": True,
+          "tolerance": 0.2, "measures": "memory"}
+AVX2 = ("cpu", "AMD EPYC", "AVX2")
+AVX512 = ("cpu", "AMD EPYC", "AVX512_BF16")
+
+
+def train_diff(values: dict[str, tuple], machines: dict[str, tuple[tuple, tuple]],
+               comparable: dict[str, tuple[bool, bool]] | None = None) -> dict:
+    """A dvc metrics diff of metrics/train/<p>.json: {p: (old, new)} of ``key``, the machines and speed flags."""
+    diff = {}
+    for p, (key, old, new) in values.items():
+        (o_dev, o_name, o_cpu), (n_dev, n_name, n_cpu) = machines[p]
+        flags = (comparable or {}).get(p, (True, True))
+        diff[f"metrics/train/{p}.json"] = {key: {"old": old, "new": new}, "device": {"old": o_dev, "new": n_dev},
+                                           "device_name": {"old": o_name, "new": n_name},
+                                           "cpu_capability": {"old": o_cpu, "new": n_cpu},
+                                           "speed_comparable": {"old": flags[0], "new": flags[1]}}
+    return diff
+
+
+def test_speed_on_the_same_machine_is_gated_and_a_real_2x_slowdown_fails():
+    precisions, rs = rules(SPEED, precisions=("fp32", "bf16"))
+    same = {"fp32": (AVX512, AVX512), "bf16": (AVX512, AVX512)}
+    slow = train_diff({"fp32": ("samples_per_s", 90.0, 90.0), "bf16": ("samples_per_s", 120.0, 40.0)}, same)
+    (check,) = evaluate(slow, precisions, rs)
+    assert not check.ok and not check.skipped and check.name == "bf16 samples_per_s/fp32"
+    fine = train_diff({"fp32": ("samples_per_s", 90.0, 60.0), "bf16": ("samples_per_s", 120.0, 80.0)}, same)
+    assert evaluate(fine, precisions, rs)[0].ok  # the whole host 1.5x slower: the ratio holds
+
+
+def test_speed_of_a_numerics_only_run_is_skipped_with_the_reason_not_gated():
+    precisions, rs = rules(SPEED, precisions=("fp32", "fp16"))
+    same = {"fp32": (AVX2, AVX2), "fp16": (AVX2, AVX2)}
+    loaded = train_diff({"fp32": ("samples_per_s", 90.0, 90.0), "fp16": ("samples_per_s", 30.0, 8.6)}, same,
+                        {"fp16": (False, False)})
+    (check,) = evaluate(loaded, precisions, rs)
+    assert check.ok and check.skipped
+    assert "fp16 is numerics only in the baseline and the workspace, not a speed measurement" in check.line()
+    one_side = train_diff({"fp32": ("samples_per_s", 90.0, 90.0), "fp16": ("samples_per_s", 30.0, 8.6)}, same,
+                          {"fp16": (False, True)})
+    assert evaluate(one_side, precisions, rs)[0].skipped
+
+
+def test_speed_and_memory_on_another_kind_of_machine_are_skipped_quality_still_gated():
+    precisions, rs = rules(MEMORY, SPEED, BLEU | {"file": "metrics/eval/{precision}.json"}, precisions=("fp32", "bf16"))
+    moved = {"fp32": (AVX2, AVX512), "bf16": (AVX2, AVX512)}
+    diff = train_diff({"fp32": ("peak_memory_bytes", 100, 100), "bf16": ("peak_memory_bytes", 100, 124)}, moved)
+    diff["metrics/train/fp32.json"]["samples_per_s"] = {"old": 90.0, "new": 90.0}
+    diff["metrics/train/bf16.json"]["samples_per_s"] = {"old": 30.0, "new": 5.0}
+    diff.update(diff_of(**{"metrics/eval/fp32.json": {"BLEU_4": (0.3, 0.3)}, "metrics/eval/bf16.json": {"BLEU_4": (0.3, 0.2)}}))
+    checks = {c.name: c for c in evaluate(diff, precisions, rs)}
+    for name in ("fp32 peak_memory_bytes", "bf16 peak_memory_bytes", "bf16 samples_per_s/fp32"):
+        assert checks[name].skipped, name
+    assert "bf16 ran on another kind of machine (AMD EPYC (AVX2) in the baseline, AMD EPYC (AVX512_BF16) here)" \
+        in checks["bf16 peak_memory_bytes"].line()
+    assert not checks["bf16 BLEU_4"].ok  # quality does not depend on the machine kind: still gated
+
+
+def test_memory_on_the_same_machine_is_gated():
+    precisions, rs = rules(MEMORY, precisions=("fp32",))
+    diff = train_diff({"fp32": ("peak_memory_bytes", 100, 130)}, {"fp32": (AVX2, AVX2)})
+    assert not evaluate(diff, precisions, rs)[0].ok
+
+
+def test_a_run_that_records_no_machine_is_compared_not_excused():
+    precisions, rs = rules(MEMORY, precisions=("fp32",))
+    diff = {"metrics/train/fp32.json": {"peak_memory_bytes": {"old": 100, "new": 130}}}
+    assert not evaluate(diff, precisions, rs)[0].ok
+
+
+@pytest.mark.parametrize("entry", [{**MEMORY, "measures": "time"}, "BLEU_4", {"file": "m.json", "better": "higher",
+                                                                              "tolerance": 0.1}])
+def test_a_malformed_gate_entry_is_a_config_error(entry):
+    with pytest.raises(ConfigError):
+        rules(entry)
+
+
+def test_the_committed_gate_marks_speed_and_memory_as_machine_dependent():
+    _, rs = load_rules(yaml.safe_load((REPO / "metrics_gate.yaml").read_text()))
+    measures = {r.key: r.measures for r in rs}
+    assert measures["samples_per_s"] == "speed" and measures["peak_memory_bytes"] == "memory"
