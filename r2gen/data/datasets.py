@@ -270,19 +270,7 @@ def validate_dataset(
     if studies is None:
         studies = read_annotation(cfg.root, cfg.dataset)
     annotation = Path(cfg.root) / ANNOTATION
-    images = Path(cfg.root) / IMAGES
-    if not images.is_dir():
-        raise DataError(
-            f"image folder not found: {_sp(images)}; R2Gen's layout keeps the images under <root>/{IMAGES}/ "
-            f"next to {_sp(annotation)}"
-        )
-    images_real = Path(os.path.realpath(images))
-    root_real = Path(os.path.realpath(cfg.root))
-    if not _inside(images_real, root_real):
-        raise DataError(
-            f"image folder {_sp(images)} is a symlink to {_sp(images_real)}, outside the dataset root "
-            f"{_sp(cfg.root)}; move the images into the root (data.root itself may be a symlink)"
-        )
+    images, images_real = _images_folder(Path(cfg.root))
 
     problems = _study_problems(studies, cfg, fixes)  # (split, index) -> (problem, fix)
     to_decode = [s for split in SPLITS for s in studies[split] if (split, s.index) not in problems]
@@ -327,6 +315,23 @@ def validate_dataset(
             result.dropped[0][2],
         )
     return result
+
+
+def _images_folder(root: Path) -> tuple[Path, Path]:
+    """``<root>/images`` and its resolved path, which must lie inside the resolved root."""
+    images = root / IMAGES
+    if not images.is_dir():
+        raise DataError(
+            f"image folder not found: {_sp(images)}; R2Gen's layout keeps the images under <root>/{IMAGES}/ "
+            f"next to {_sp(root / ANNOTATION)}"
+        )
+    images_real = Path(os.path.realpath(images))
+    if not _inside(images_real, Path(os.path.realpath(root))):
+        raise DataError(
+            f"image folder {_sp(images)} is a symlink to {_sp(images_real)}, outside the dataset root "
+            f"{_sp(root)}; move the images into the root (data.root itself may be a symlink)"
+        )
+    return images, images_real
 
 
 def _study_problems(
