@@ -187,16 +187,17 @@ def _read_bytes(path: Path) -> bytes:
         ) from None
     except OSError as exc:
         raise DataError(f"cannot read {_sp(path)}: {exc.strerror}; check the file and its permissions") from None
-    with open(fd, "rb", closefd=True) as fh:
-        info = os.fstat(fd)
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_ANNOTATION_BYTES:
+        os.close(fd)
         if not stat.S_ISREG(info.st_mode):
             raise DataError(f"{_sp(path)} is not a regular file ({_file_kind(info.st_mode)}); put R2Gen's "
                             "annotation.json there")
-        if info.st_size > MAX_ANNOTATION_BYTES:
-            raise DataError(
-                f"{_sp(path)} is {info.st_size / 2**30:.1f} GiB, over the {MAX_ANNOTATION_BYTES / 2**30:.0f} GiB "
-                "limit for an annotation file (MIMIC-CXR's is ~150 MB); check that it is the right file"
-            )
+        raise DataError(
+            f"{_sp(path)} is {info.st_size / 2**30:.1f} GiB, over the {MAX_ANNOTATION_BYTES / 2**30:.0f} GiB "
+            "limit for an annotation file (MIMIC-CXR's is ~150 MB); check that it is the right file"
+        )
+    with open(fd, "rb", closefd=True) as fh:
         try:
             data = fh.read(info.st_size + 1)  # one more byte: a file that grows after the check
         except OSError as exc:
