@@ -429,7 +429,8 @@ def test_second_prepare_while_one_holds_the_lock_fails_with_one_line(tmp_path):
     os.write(fd, b"4242\n")
     fcntl.flock(fd, fcntl.LOCK_EX)
     try:
-        with pytest.raises(DataError, match=r"another prepare \(pid 4242\) is writing .*prepared \(lock .*\.prepared\.lock\); wait for it"):
+        held = r"another prepare \(pid 4242\) is writing .*prepared \(lock .*\.prepared\.lock\); wait for it"
+        with pytest.raises(DataError, match=held):
             prepare_dataset(cfg(tmp_path / "iu"), out)
     finally:
         os.close(fd)

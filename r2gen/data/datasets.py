@@ -234,8 +234,8 @@ def _study(entry: object, split: str, index: int, images: Path, path: Path) -> S
     for p in image_path:
         if "\x00" in p or any(len(part.encode("utf-8", "surrogatepass")) > _NAME_MAX for part in p.split("/")):
             raise DataError(
-                f"{where} (study {study}) has an impossible image_path {shown(repr(p[:80]))} (a NUL byte or a name over "
-                f"{_NAME_MAX} bytes); fix the entry"
+                f"{where} (study {study}) has an impossible image_path {shown(repr(p[:80]))} (a NUL byte or a "
+                f"name over {_NAME_MAX} bytes); fix the entry"
             )
     return Study(str(study_id), report, tuple(images / p for p in image_path), split, index)
 
@@ -259,8 +259,8 @@ def validate_dataset(
         cfg: the dataset; ``cfg.on_invalid`` chooses between ``error`` and ``drop``.
         fixes: tokenizer fixes used to decide whether a report is empty after cleaning.
         on_image: called from worker threads as ``on_image(study, view, image)`` with each fully
-            decoded image (mode 'L', 8 bits, see :func:`open_image`), so that a caller can resize while the files are read
-            once. A study may get calls for some views and then fail on a later one.
+            decoded image (mode 'L', 8 bits, see :func:`open_image`), so that a caller can resize
+            while the files are read once. A study may get calls for some views and then fail on a later one.
         studies: ``read_annotation(cfg.root, cfg.dataset)`` when the caller has read it already.
 
     Raises:
@@ -460,7 +460,8 @@ def _decode(fh, path: Path) -> Image.Image | tuple[str, str]:
         return f"image {_sp(path)} claims an absurd size (over {Image.MAX_IMAGE_PIXELS * 2} pixels)", fix
     except UnidentifiedImageError:
         return (
-            f"cannot decode image {_sp(path)}: not a known image format (only PNG and JPEG are read) or a broken header",
+            f"cannot decode image {_sp(path)}: not a known image format (only PNG and JPEG are read) or a "
+            "broken header",
             "re-export it as PNG or JPEG, or restore the file",
         )
     except Exception as exc:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, zlib errors, ...
