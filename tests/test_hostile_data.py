@@ -14,9 +14,11 @@ import os
 import random
 import re
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -219,6 +221,14 @@ def u16(values: np.ndarray) -> Image.Image:
     return Image.fromarray(values.astype(np.uint16))  # mode I;16
 
 
+def with_depth_16_rgb(gray: np.ndarray) -> bytes:
+    """A 16-bit-per-channel RGB PNG of the gray values ``gray`` (PIL cannot write one)."""
+    rows = b"".join(b"\0" + np.repeat(row.astype(">u2"), 3).tobytes() for row in gray)  # filter 0, R=G=B
+    ihdr = struct.pack(">IIBBBBB", gray.shape[1], gray.shape[0], 16, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(rows))
+            + png_chunk(b"IEND", b""))
+
+
 def rgba(alpha: int) -> Image.Image:
     image = Image.fromarray(RAMP.astype(np.uint8)).convert("RGBA")
     image.putalpha(Image.new("L", image.size, 255))
@@ -252,6 +262,8 @@ PIXEL_CASES = {
     "rgba_opaque": (encode(rgba(255)), RAMP, None),
     "rgba_one_transparent_pixel": (encode(rgba(0)), None, "has transparent pixels (mode RGBA)"),
     "la_opaque": (encode(Image.fromarray(RAMP.astype(np.uint8)).convert("LA")), RAMP, None),
+    "rgb_48_bit": (with_depth_16_rgb(RAMP * 257), RAMP, None),
+    "rgb_48_bit_holding_12_bit_values": (with_depth_16_rgb(np.round(RAMP * 4095 / 255)), None, "only under 4096"),
 }
 
 

@@ -435,7 +435,7 @@ def open_image(path: Path, images: Path, images_real: Path) -> Image.Image | tup
 def _decode(fh, path: Path) -> Image.Image | tuple[str, str]:
     fix = "re-export or restore the file"
     try:
-        significant = _png_significant_bits(fh)
+        depth, significant = _png_depth_and_significant_bits(fh)
         with _warnings_lock, warnings.catch_warnings():
             # PIL warns about headers over MAX_IMAGE_PIXELS; the side limit below refuses them with a
             # clear message instead. The lock: catch_warnings swaps process-wide state, and this
@@ -455,6 +455,11 @@ def _decode(fh, path: Path) -> Image.Image | tuple[str, str]:
                 return (f"image {_sp(path)} is {width}x{height} px, more elongated than {MAX_ASPECT_RATIO}:1",
                         "crop or re-export the radiograph")
             image.load()
+            if depth == 16 and image.mode not in _HIGH_DEPTH and _colour_max(image) < 16:
+                # 16-bit colour or gray+alpha: PIL keeps the high bytes, so 12-bit data would turn black.
+                return (f"image {_sp(path)} is a 16-bit {image.mode} PNG holding values only under 4096 "
+                        "(12-bit data?), which would turn near-black at 8 bits",
+                        "re-export it as 16-bit grayscale without alpha")
             return to_gray(image, path, significant)
     except Image.DecompressionBombError:
         return f"image {_sp(path)} claims an absurd size (over {Image.MAX_IMAGE_PIXELS * 2} pixels)", fix
@@ -468,29 +473,41 @@ def _decode(fh, path: Path) -> Image.Image | tuple[str, str]:
         return f"cannot decode image {_sp(path)}: {shown(exc)}", fix
 
 
+def _colour_max(image: Image.Image) -> int:
+    """The largest value of the image's bands other than alpha."""
+    extrema = image.getextrema()
+    if len(image.getbands()) == 1:
+        return extrema[1]
+    return max(high for (_, high), band in zip(extrema, image.getbands()) if band != "A")
+
+
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _png_significant_bits(fh) -> int | None:
-    """The grayscale significant bits of a PNG's sBIT chunk (PIL does not read it), else None.
+def _png_depth_and_significant_bits(fh) -> tuple[int | None, int | None]:
+    """A PNG's bit depth (IHDR) and the grayscale significant bits of its sBIT chunk (PIL reads
+    neither), each None when absent or not a PNG.
 
     sBIT precedes the image data; at most 64 chunk headers are read, the file is rewound.
     """
+    depth = None
     try:
         if fh.read(8) != _PNG_SIGNATURE:
-            return None
+            return None, None
         for _ in range(64):
             header = fh.read(8)
             if len(header) < 8:
-                return None
+                break
             length, kind = struct.unpack(">I4s", header)
-            if kind == b"sBIT":
-                data = fh.read(min(length, 4))
-                return data[0] if data and length in (1, 2) else None  # colour types 0 and 4: the gray bits
-            if kind in (b"IDAT", b"IEND", b"PLTE"):
-                return None
-            fh.seek(length + 4, os.SEEK_CUR)  # data and CRC
-        return None
+            data = fh.read(min(length, 13)) if kind in (b"IHDR", b"sBIT") else b""
+            if kind == b"IHDR" and len(data) == 13:
+                depth = data[8]
+            elif kind == b"sBIT":
+                return depth, (data[0] if data and length in (1, 2) else None)  # colour types 0, 4: gray bits
+            elif kind in (b"IDAT", b"IEND", b"PLTE"):
+                break
+            fh.seek(length - len(data) + 4, os.SEEK_CUR)  # the rest of the data, and the CRC
+        return depth, None
     finally:
         fh.seek(0)
 
