@@ -9,6 +9,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -143,11 +144,14 @@ def _images_study(paths: list[Path]) -> tuple[str, list[Path]]:
     for path in paths:
         if path.is_dir():
             raise R2GenError(f"{path} is a folder; pass it as --study {path}, or pass its image files")
-    return os.path.basename(os.path.dirname(os.path.abspath(paths[0]))) or "images", paths
+    from r2gen.data.datasets import shown
+
+    return shown(os.path.basename(os.path.dirname(os.path.abspath(paths[0]))) or "images"), paths
 
 
 def _folder_study(folder: Path) -> tuple[str, list[Path]]:
-    """The views in a study folder, in name order (IU X-Ray: 0.png frontal, 1.png lateral)."""
+    """The views in a study folder, frontal first when the names tell (:func:`order_views`), else in name order."""
+    from r2gen.data.datasets import shown
     if not folder.is_dir():
         raise R2GenError(f"study folder not found: {folder}; pass a folder holding the study's images")
     try:
@@ -162,7 +166,35 @@ def _folder_study(folder: Path) -> tuple[str, list[Path]]:
         real = Path(os.path.realpath(view))
         if not real.is_relative_to(inside):
             raise R2GenError(f"image {view} is a symlink to {real}, outside {folder}; copy the file into the folder")
-    return folder.name, views
+    ordered, known = order_views(views)
+    if not known:
+        print(f"warning: cannot tell the frontal from the lateral view in {shown(folder)} by file name "
+              f"({', '.join(shown(v.name) for v in views)}); using name order, frontal first "
+              "(name them 0.png/1.png, or PA/AP/frontal and LAT/lateral)", file=sys.stderr)
+    return shown(folder.name), ordered
+
+
+_FRONTAL = {"0", "pa", "ap", "frontal", "front", "f"}
+_LATERAL = {"1", "lat", "lateral", "ll", "rl", "side", "l"}
+
+
+def order_views(paths: list[Path]) -> tuple[list[Path], bool]:
+    """``paths`` with the frontal view first, and whether the file names told which is which.
+
+    A name tells when one word of its stem (split at non-alphanumerics, case ignored) is a frontal
+    (0, PA, AP, frontal) or lateral (1, LAT, lateral, LL, RL) name and none of the other kind. One
+    view needs no order; with two, exactly one frontal and one lateral must be found.
+    """
+    if len(paths) != 2:
+        return paths, True
+    kinds = []
+    for path in paths:
+        words = set(re.split(r"[^a-z0-9]+", path.stem.lower()))
+        frontal, lateral = bool(words & _FRONTAL), bool(words & _LATERAL)
+        kinds.append("frontal" if frontal and not lateral else "lateral" if lateral and not frontal else None)
+    if sorted(map(str, kinds)) != ["frontal", "lateral"]:
+        return paths, False
+    return sorted(paths, key=lambda p: kinds[paths.index(p)] != "frontal"), True
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -201,14 +233,14 @@ def _finite(obj):
 
 def cmd_check_data(args: argparse.Namespace) -> int:
     from r2gen.config import DataConfig
-    from r2gen.data.datasets import validate_dataset
+    from r2gen.data.datasets import shown, validate_dataset
 
     result = validate_dataset(DataConfig(dataset=args.dataset, root=str(args.root), on_invalid=args.on_invalid))
     for split, n in result.counts.items():
         print(f"{split}: {n} {'study' if n == 1 else 'studies'}")
     for split, sid, reason in result.dropped:
-        print(f"dropped {split}/{sid}: {reason}")
-    print(f"ok: {args.root} is a valid {args.dataset} dataset ({sum(result.counts.values())} studies)")
+        print(f"dropped {split}/{shown(sid)}: {reason}")  # reason: escaped where it is made
+    print(f"ok: {shown(args.root)} is a valid {args.dataset} dataset ({sum(result.counts.values())} studies)")
     return 0
 
 

@@ -18,10 +18,15 @@ folder appears only when complete (``r2gen.io.atomic_dir``).
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import json
+import logging
 import os
+import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,9 +34,11 @@ import numpy as np
 from PIL import Image
 
 from r2gen.config import DataConfig
-from r2gen.data.datasets import IMAGES, SPLITS, Study, open_image, read_annotation, validate_dataset
+from r2gen.data.datasets import IMAGES, SPLITS, Study, open_image, read_annotation, shown, validate_dataset
 from r2gen.errors import DataError
 from r2gen.io import atomic_dir, write_json
+
+log = logging.getLogger(__name__)
 
 SUMMARY = "summary.json"
 _COPY_ROWS = 256  # rows moved at a time when dropped studies are squeezed out of an array
@@ -49,8 +56,74 @@ def prepare_dataset(cfg: DataConfig, out_dir: str | os.PathLike, fixes: tuple[st
         The summary written to ``summary.json``.
 
     Raises:
-        DataError: as :func:`r2gen.data.datasets.validate_dataset`; ``out_dir`` is then untouched.
+        DataError: as :func:`r2gen.data.datasets.validate_dataset`; ``out_dir`` is then untouched;
+            another prepare is writing ``out_dir`` (:func:`output_lock`).
     """
+    with output_lock(out_dir):
+        return _prepare(cfg, out_dir, fixes)
+
+
+@contextlib.contextmanager
+def output_lock(out_dir: str | os.PathLike) -> Iterator[None]:
+    """Hold ``<parent>/.<name>.lock`` (flock) while ``out_dir`` is written, and clean up first.
+
+    A second prepare of the same folder fails at once with one line instead of racing the first
+    (two renames of one folder end in ENOTEMPTY). Under the lock, temporaries that a killed
+    prepare left (``.<name>.*.tmp``, ``.<name>.old``: ~25 GB for MIMIC-CXR) are removed.
+    """
+    out_dir = Path(out_dir)
+    lock = out_dir.with_name(f".{out_dir.name}.lock")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        fd = _acquire(lock, out_dir)
+    except OSError as exc:
+        raise DataError(f"cannot lock {shown(lock)}: {exc.strerror or exc}; check the output folder and its "
+                        "permissions") from None
+    try:
+        _remove_stale(out_dir)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)  # before the unlock: a waiter then sees a new file (checked in _acquire)
+        os.close(fd)
+
+
+def _acquire(lock: Path, out_dir: Path) -> int:
+    for _ in range(10):
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            raise DataError(
+                f"another prepare (pid {shown(holder, 20)}) is writing {shown(out_dir)} (lock {shown(lock)}); "
+                "wait for it to finish or stop it, then rerun"
+            ) from None
+        try:
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:  # not a file the previous holder just removed
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    raise DataError(f"cannot lock {shown(lock)}: it keeps being replaced; check for other prepares")
+
+
+def _remove_stale(out_dir: Path) -> None:
+    name = out_dir.name
+    for entry in os.listdir(out_dir.parent):  # not glob: the name may hold [ or *
+        stale = out_dir.parent / entry
+        if not (entry.startswith(f".{name}.") and (entry.endswith(".tmp") or entry == f".{name}.old")):
+            continue
+        if stale.is_dir() and not stale.is_symlink():
+            size = sum(f.stat().st_size for f in stale.rglob("*") if f.is_file() and not f.is_symlink())
+            shutil.rmtree(stale, ignore_errors=True)
+            log.warning("removed %s (%.1f MiB) left by an interrupted prepare", shown(stale), size / 2**20)
+
+
+def _prepare(cfg: DataConfig, out_dir: str | os.PathLike, fixes: tuple[str, ...]) -> dict:
     start = time.perf_counter()
     annotation = read_annotation(cfg.root, cfg.dataset)  # raises before any output for file-level problems
     sizes = {split: cfg.stored_size if split == "train" else cfg.image_size for split in SPLITS}
@@ -223,3 +296,25 @@ def load_prepared(prepared_dir: str | os.PathLike, split: str) -> PreparedSplit:
     if len(ids) != len(images):
         raise DataError(f"{jsonl} has {len(ids)} rows but {npy} has {len(images)}; {_RERUN}")
     return PreparedSplit(ids, reports, images)
+
+
+def check_prepared(prepared_dir: str | os.PathLike, cfg: DataConfig) -> None:
+    """Refuse a cache prepared with other data params than ``cfg`` (dataset, image size).
+
+    Training reads ``data.image_size`` from params and the images from the cache: without this a
+    cache left from another size would train at that size without a word.
+
+    Raises:
+        DataError: ``summary.json`` is unreadable or disagrees with ``cfg``.
+    """
+    summary_path = Path(prepared_dir) / SUMMARY
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        found = {"data.dataset": summary["dataset"], "data.image_size": summary["image_size"]}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise DataError(f"{shown(summary_path)} is missing or corrupt ({shown(repr(exc))}); {_RERUN}") from None
+    wanted = {"data.dataset": cfg.dataset, "data.image_size": cfg.image_size}
+    for key, value in wanted.items():
+        if found[key] != value:
+            raise DataError(f"{shown(prepared_dir)} was prepared with {key} {shown(found[key])} but params say "
+                            f"{value}; {_RERUN}")

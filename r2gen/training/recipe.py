@@ -32,7 +32,7 @@ from r2gen import precision as prec
 from r2gen.checkpoint import save_model
 from r2gen.config import TrainSpec
 from r2gen.data.batches import StudyBatches
-from r2gen.data.images import PreparedSplit, load_prepared
+from r2gen.data.images import PreparedSplit, check_prepared, load_prepared
 from r2gen.distributed import World, sync_batch_norms
 from r2gen.errors import R2GenError
 from r2gen.io import write_json
@@ -175,6 +175,7 @@ def _load_data(spec: TrainSpec, paths: TrainPaths) -> tuple[Tokenizer, PreparedS
     tokenizer = Tokenizer.load(paths.tokenizer)
     train_split = load_prepared(paths.prepared, "train")
     val_split = load_prepared(paths.prepared, "val")
+    check_prepared(paths.prepared, spec.data)
     if train_split.images.shape[1] != spec.data.views:
         raise R2GenError(f"{paths.prepared} holds {train_split.images.shape[1]}-view studies but data.dataset "
                          f"is {spec.data.dataset}; rerun `dvc repro prepare`")
