@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import stat
 import warnings
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,19 @@ def save_torch(obj: Any, path: str | os.PathLike) -> None:
 def load_torch(path: str | os.PathLike, what: str = "checkpoint") -> dict:
     """torch.load with weights_only=True; any failure is a one-line CheckpointError."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{what} not found: {path}; train it first (dvc repro) or check the path")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{what} not found: {path}; train it first (dvc repro) or check the path") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {what} {path}: {exc.strerror}; check the path and its permissions") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise CheckpointError(f"{what} {path} is a folder, not a file; pass the .pt file inside it (e.g. {path}/model.pt)")
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{what} {path} is not a regular file (a FIFO, socket or device); pass the .pt file")
+    if not os.access(path, os.R_OK):
+        raise CheckpointError(f"cannot read {what} {path}: permission denied; fix its permissions (chmod u+r) "
+                              "or run as its owner")
     try:
         with warnings.catch_warnings():
             # torch warns before refusing a raw pickle of another protocol; the refusal says enough.
@@ -47,6 +59,8 @@ def load_torch(path: str | os.PathLike, what: str = "checkpoint") -> dict:
             f"{path} was refused by the safe loader (weights_only=True): {_refusal(exc)}; it is corrupt or was "
             "not written by r2gen-precision, restore or re-create it (never load it with weights_only=False)"
         ) from None
+    except PermissionError as exc:
+        raise CheckpointError(f"cannot read {what} {path}: {exc.strerror}; fix its permissions") from None
     except Exception as exc:  # noqa: BLE001 - a corrupt pickle raises about anything: KeyError, struct.error, ...
         cls = type(exc)
         kind = cls.__name__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__name__}"  # struct.error

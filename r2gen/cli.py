@@ -19,6 +19,9 @@ from r2gen import layout
 from r2gen.errors import R2GenError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+MAX_EXP_SHOW_BYTES = 256 << 20  # a grid of hundreds of experiments is a few MB
+MAX_SAMPLE_STUDIES = 100_000  # sample-data: 100k studies at 128 px is already gigabytes of PNGs
+MAX_SAMPLE_SIZE = 2048  # sample-data px: the top of data.image_size's range (r2gen.config.RANGES)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(func=cmd_sample_data)
 
     args = parser.parse_args(argv)
+    _tolerant_stdout()
     try:
         return args.func(args) or 0
     except R2GenError as exc:
@@ -82,8 +86,50 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         # The reader went away (`r2gen info m.pt | head`): stop quietly like other Unix tools, and
         # point stdout at /dev/null so that the interpreter's final flush does not fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _silence_stdout()
         return 128 + 13  # what a shell reports for a process ended by SIGPIPE
+    except StdoutError as exc:
+        _silence_stdout()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        # Files are written through a temporary sibling and a rename: an interrupt leaves the old ones.
+        print(f"error: interrupted (Ctrl-C) during `r2gen {args.command}`; no output file was left half-written",
+              file=sys.stderr)
+        return 130
+
+
+class StdoutError(Exception):
+    """Standard output could not be written (``> /dev/full``, a closed terminal): one line on stderr."""
+
+
+def emit(text: str) -> None:
+    """Print one line of a command's output to stdout, flushed; a write error is a StdoutError."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise StdoutError(f"cannot write to standard output: {exc.strerror or exc}; "
+                          "redirect it to a file on a disk with free space (or pipe it to a reader)") from None
+
+
+def _tolerant_stdout() -> None:
+    """Characters the terminal's encoding cannot show (a report word, a non-UTF-8 folder name on a
+    strict ASCII or UTF-8 stdout) are printed as backslash escapes instead of ending the command."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors="backslashreplace")
+            except (OSError, ValueError):  # a closed or exotic stream: leave it as it is
+                pass
+
+
+def _silence_stdout() -> None:
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor (tests capture it)
+        pass
 
 
 def _positive_int(text: str) -> int:
@@ -133,9 +179,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ids = model.generate(images.to(device), num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
         for (name, paths), report in zip(chunk, tokenizer.batch_decode(ids.cpu())):
             if args.format == "jsonl":
-                print(json.dumps({"study": name, "images": [str(p) for p in paths], "report": report}), flush=True)
+                emit(json.dumps({"study": name, "images": [str(p) for p in paths], "report": report}))
             else:
-                print(f"{name}: {report}", flush=True)
+                emit(f"{name}: {report}")
     return 0
 
 
@@ -216,7 +262,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "parameters": parameters,
         "training": train,
     }
-    print(json.dumps(_finite(out), indent=2, allow_nan=False))
+    emit(json.dumps(_finite(out), indent=2, allow_nan=False))
     return 0
 
 
@@ -237,10 +283,10 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 
     result = validate_dataset(DataConfig(dataset=args.dataset, root=str(args.root), on_invalid=args.on_invalid))
     for split, n in result.counts.items():
-        print(f"{split}: {n} {'study' if n == 1 else 'studies'}")
+        emit(f"{split}: {n} {'study' if n == 1 else 'studies'}")
     for split, sid, reason in result.dropped:
-        print(f"dropped {split}/{shown(sid)}: {reason}")  # reason: escaped where it is made
-    print(f"ok: {shown(args.root)} is a valid {args.dataset} dataset ({sum(result.counts.values())} studies)")
+        emit(f"dropped {split}/{shown(sid)}: {reason}")  # reason: escaped where it is made
+    emit(f"ok: {shown(args.root)} is a valid {args.dataset} dataset ({sum(result.counts.values())} studies)")
     return 0
 
 
@@ -248,31 +294,29 @@ def cmd_check_metrics(args: argparse.Namespace) -> int:
     import shutil
     import subprocess
 
-    import yaml
-
     from r2gen.gate import evaluate, load_rules, stated_reasons
+    from r2gen.io import read_yaml
 
-    try:
-        raw = yaml.safe_load(args.gate.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise R2GenError(f"gate file not found: {args.gate}; run from the repository root or pass --gate") from None
+    raw = read_yaml(args.gate, what="gate file", fix="run from the repository root or pass --gate FILE")
     precisions, rules = load_rules(raw, str(args.gate))
     dvc = shutil.which("dvc")
     if dvc is None:
         raise R2GenError("dvc not found on PATH; activate the project's venv (source .venv/bin/activate)")
     proc = subprocess.run([dvc, "metrics", "diff", args.base, "--all", "--json"], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise R2GenError(f"`dvc metrics diff {args.base}` failed: {proc.stderr.strip().splitlines()[-1:]}")
+        last = next((ln.strip() for ln in reversed(proc.stderr.splitlines()) if ln.strip()), f"exit {proc.returncode}")
+        raise R2GenError(f"`dvc metrics diff {args.base}` failed: {last[:300]}; check that {args.base} is a "
+                         "revision of this repository and that `dvc metrics diff` works here")
     try:
         diff = json.loads(proc.stdout or "{}")
     except json.JSONDecodeError:
         raise R2GenError(f"`dvc metrics diff` printed no JSON: {proc.stdout[:200]!r}") from None
     checks = evaluate(diff, precisions, rules, stated_reasons(rules, precisions))
     for check in checks:
-        print(check.line())
+        emit(check.line())
     failed = [c for c in checks if not c.ok]
     skipped = [c for c in checks if c.skipped]
-    print(f"{len(checks) - len(failed) - len(skipped)}/{len(checks)} metrics within tolerance of {args.base}"
+    emit(f"{len(checks) - len(failed) - len(skipped)}/{len(checks)} metrics within tolerance of {args.base}"
           + (f"; {len(skipped)} skipped (reason on each line)" if skipped else "")
           + (f"; {len(failed)} FAILED" if failed else ""))
     return 1 if failed else 0
@@ -282,8 +326,6 @@ def cmd_exp_report(args: argparse.Namespace) -> int:
     import shutil
     import subprocess
 
-    import yaml
-
     from r2gen.compare.analysis import analyse
     from r2gen.compare.dvclive import load_history
     from r2gen.compare.exp_show import parse_exp_show
@@ -291,20 +333,23 @@ def cmd_exp_report(args: argparse.Namespace) -> int:
     from r2gen.compare.grid_findings import conclusions
     from r2gen.compare.ttq import QualityTarget
     from r2gen.config import Params
+    from r2gen.io import read_yaml
 
-    try:
-        params = Params.from_dict(yaml.safe_load(args.params.read_text(encoding="utf-8")), str(args.params))
-    except FileNotFoundError:
-        raise R2GenError(f"{args.params} not found; run from the repository root or pass --params") from None
-    except yaml.YAMLError as exc:
-        raise R2GenError(f"{args.params} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    params = Params.from_dict(read_yaml(args.params, what="params file", fix="run from the repository root or pass --params"),
+                              str(args.params))
     cfg = params.exp_report
     target = QualityTarget(cfg.ttq_metric, cfg.ttq_relative, cfg.ttq_absolute)
     if args.input is not None:
+        fix = "save it with `dvc exp show --json > FILE`"
+        if not args.input.is_file():  # a folder, a FIFO (reading it could block) or nothing
+            raise R2GenError(f"--input {args.input} is not a file; {fix}")
+        if args.input.stat().st_size > MAX_EXP_SHOW_BYTES:
+            raise R2GenError(f"--input {args.input} is over {MAX_EXP_SHOW_BYTES >> 20} MB, not a `dvc exp show --json`; {fix}")
         try:
             rows = json.loads(args.input.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise R2GenError(f"cannot read {args.input} as JSON ({exc}); save it with `dvc exp show --json > FILE`") from None
+        except (OSError, ValueError, RecursionError) as exc:
+            detail = getattr(exc, "strerror", None) or str(exc).splitlines()[0][:150] if str(exc) else type(exc).__name__
+            raise R2GenError(f"cannot read {args.input} as JSON ({detail}); {fix}") from None
     else:
         dvc = shutil.which("dvc")
         if dvc is None:
@@ -330,8 +375,8 @@ def cmd_exp_report(args: argparse.Namespace) -> int:
     analysis = analyse(experiments, histories, target, skipped=skipped)
     build_report(analysis, args.out)
     for line in conclusions(analysis):
-        print(f"- {line}")
-    print(f"{len(experiments)} experiments in {len(analysis.groups)} group(s)"
+        emit(f"- {line}")
+    emit(f"{len(experiments)} experiments in {len(analysis.groups)} group(s)"
           + (f"; left out: {'; '.join(skipped)}" if skipped else "")
           + f"\nwrote {args.out / layout.EXPERIMENTS_REPORT}, {layout.EXPERIMENTS_JSON} and {layout.FIGURES}/")
     return 0
@@ -340,8 +385,14 @@ def cmd_exp_report(args: argparse.Namespace) -> int:
 def cmd_sample_data(args: argparse.Namespace) -> int:
     from r2gen.data.synthetic import generate_sample
 
+    # Lower bounds are generate_sample's (with their reasons); these stop a typo from filling the disk.
+    for flag, value, most in (("--studies", args.studies, MAX_SAMPLE_STUDIES), ("--image-size", args.image_size, MAX_SAMPLE_SIZE),
+                              ("--seed", args.seed, 2**32 - 1)):
+        if value > most:
+            shown = value if len(str(value)) < 30 else f"{str(value)[:20]}... ({len(str(value))} digits)"
+            raise R2GenError(f"sample-data {flag} {shown} is too large: use at most {most:,}")
     summary = generate_sample(args.out, args.studies, args.seed, layout=args.layout, image_size=args.image_size)
-    print(json.dumps(summary, indent=2))
+    emit(json.dumps(summary, indent=2))
     return 0
 
 

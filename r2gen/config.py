@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin
 
 from r2gen.errors import ConfigError, R2GenError
+from r2gen.io import shorten
 
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "fp8")
 DATASETS: tuple[str, ...] = ("iu_xray", "mimic_cxr")
@@ -26,6 +28,116 @@ VISUAL_EXTRACTORS: tuple[str, ...] = ("resnet10", "resnet18", "resnet34", "resne
 
 # Views per study in each dataset layout (R2Gen: IU X-Ray stacks frontal + lateral, MIMIC uses one).
 VIEWS: dict[str, int] = {"iu_xray": 2, "mimic_cxr": 1}
+
+MAX_REPORT_TOKENS = 1024  # the decoder's positional table (r2gen/model/transformer.py): no report is longer
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric param: ``lo``..``hi``, either end open; ``why`` says what a bound protects."""
+
+    lo: float
+    hi: float
+    lo_open: bool = False
+    hi_open: bool = False
+    why: str = ""
+
+    def holds(self, value: float) -> bool:
+        return (value > self.lo if self.lo_open else value >= self.lo) and \
+            (value < self.hi if self.hi_open else value <= self.hi)
+
+    def text(self) -> str:
+        lo, hi = _number(self.lo), _number(self.hi)
+        if not self.lo_open and not self.hi_open:
+            return f"from {lo} to {hi}"
+        return f"{'>' if self.lo_open else '>='} {lo} and {'<' if self.hi_open else '<='} {hi}"
+
+
+def _number(x: float) -> str:
+    if not float(x).is_integer() or abs(x) >= 1e18:
+        return f"{x:g}"
+    return f"{int(x):,}" if abs(x) >= 10**5 else str(int(x))
+
+
+# Every numeric field of every section below has its range here (tests/test_hostile_config.py checks
+# that none is missing): a value outside it, and NaN or infinity, is a ConfigError naming the key.
+# Upper bounds are far above any useful value; they stop a typo (an extra digit, 1e9) from becoming a
+# multi-gigabyte allocation or an overflow deep in torch.
+RANGES: dict[str, dict[str, Range]] = {
+    "Params": {
+        "seed": Range(0, 2**32 - 1, why="numpy's seed range"),
+        "threads": Range(1, 1024),
+    },
+    "DataConfig": {
+        "image_size": Range(8, 2048, why="2048 px is already 9x the paper's 224"),
+    },
+    "TokenizerConfig": {
+        "threshold": Range(1, 10**6),
+        "max_seq_length": Range(3, MAX_REPORT_TOKENS, why="BOS + a token + EOS; the decoder's positional table"),
+    },
+    "ModelConfig": {
+        "visual_width": Range(1, 1024),
+        "d_model": Range(1, 16384),
+        "d_ff": Range(1, 65536),
+        "num_heads": Range(1, 256),
+        "num_layers": Range(1, 64),
+        "dropout": Range(0, 1, hi_open=True, why="a probability; 1 drops everything"),
+        "drop_prob_lm": Range(0, 1, hi_open=True, why="a probability; 1 drops everything"),
+        "use_bn": Range(0, 2),
+        "rm_num_slots": Range(1, 256),
+        "rm_num_heads": Range(1, 256),
+        "rm_d_model": Range(1, 16384),
+        "visual_recompute": Range(0, 5),
+    },
+    "TrainCommon": {
+        "epochs": Range(1, 10**5),
+        "lr_ve": Range(0, 1, lo_open=True),
+        "lr_ed": Range(0, 1, lo_open=True),
+        "weight_decay": Range(0, 1),
+        "lr_step_size": Range(1, 10**6),
+        "lr_gamma": Range(0, 1, lo_open=True),
+        "grad_clip_value": Range(0, 1e6, lo_open=True, why="clip_grad_value_ clips each gradient to +-this"),
+        "log_every": Range(1, 10**9),
+        "warmup_steps": Range(0, 10**9),
+        "max_nonfinite_steps": Range(1, 10**9, why="the number of non-finite steps in a row that stops a run; "
+                                     "1 stops at the first"),
+        "memory_budget_gb": Range(0, 10**6, lo_open=True),
+    },
+    "TrainPrecision": {
+        "batch_size": Range(1, 65536),
+        "nproc": Range(1, 1024),
+    },
+    "EvaluateConfig": {
+        "num_beams": Range(1, 64),
+        "max_new_tokens": Range(1, MAX_REPORT_TOKENS, why="the decoder's positional table, as `r2gen generate` caps it"),
+        "batch_size": Range(1, 65536),
+    },
+    "ExpReportConfig": {
+        "ttq_relative": Range(0, 100, lo_open=True),
+        "ttq_absolute": Range(-1e30, 1e30),
+    },
+}
+
+
+def check_ranges(obj: Any, prefix: str) -> None:
+    """ConfigError naming ``prefix + field`` for the first numeric field of ``obj`` outside its range."""
+    for name, rng in RANGES.get(type(obj).__name__, {}).items():
+        check_range(f"{prefix}{name}", getattr(obj, name), rng)
+
+
+def check_range(key: str, value: Any, rng: Range) -> None:
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return  # types are checked where the YAML is read
+    if not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value}")
+    if not rng.holds(value):
+        why = f" ({rng.why})" if rng.why else ""
+        raise ConfigError(f"{key} must be {rng.text()}{why}, got {_shown(value)}")
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} digits)"
 
 
 @dataclass(frozen=True)
@@ -41,6 +153,7 @@ class DataConfig:
         check_choice("data.dataset", self.dataset, DATASETS)
         check_choice("data.on_invalid", self.on_invalid, ("error", "drop"))
         _positive("data.image_size", self.image_size)
+        check_ranges(self, "data.")
 
     @property
     def views(self) -> int:
@@ -62,6 +175,7 @@ class TokenizerConfig:
         _positive("tokenizer.threshold", self.threshold)
         if self.max_seq_length < 3:
             raise ConfigError(f"tokenizer.max_seq_length must be at least 3, got {self.max_seq_length}")
+        check_ranges(self, "tokenizer.")
 
 
 @dataclass(frozen=True)
@@ -103,6 +217,7 @@ class ModelConfig:
         if self.rm_d_model != self.d_model:
             # R2Gen feeds the embedded tokens (d_model) straight into the memory update.
             raise ConfigError(f"model.rm_d_model ({self.rm_d_model}) must equal model.d_model ({self.d_model})")
+        check_ranges(self, "model.")
 
 
 @dataclass(frozen=True)
@@ -136,6 +251,7 @@ class TrainCommon:
         check_choice("train.common.device", self.device, ("auto", "cpu", "cuda"))
         _positive("train.common.epochs", self.epochs)
         _positive("train.common.lr_step_size", self.lr_step_size)
+        check_ranges(self, "train.common.")
 
 
 @dataclass(frozen=True)
@@ -146,10 +262,11 @@ class TrainPrecision:
     nproc: int = 1  # data-parallel processes (torchrun + DDP); batch_size is per process
 
     def __post_init__(self) -> None:
-        _positive("batch_size", self.batch_size)
-        _positive("nproc", self.nproc)
+        _positive("train.<precision>.batch_size", self.batch_size)
+        _positive("train.<precision>.nproc", self.nproc)
         check_choice("backend", self.backend, BACKENDS)
         check_choice("fp8_recipe", self.fp8_recipe, FP8_RECIPES)
+        check_ranges(self, "train.<precision>.")
 
 
 @dataclass(frozen=True)
@@ -186,6 +303,7 @@ class EvaluateConfig:
         _positive("evaluate.num_beams", self.num_beams)
         _positive("evaluate.max_new_tokens", self.max_new_tokens)
         _positive("evaluate.batch_size", self.batch_size)
+        check_ranges(self, "evaluate.")
 
 
 @dataclass(frozen=True)
@@ -199,6 +317,7 @@ class ExpReportConfig:
     def __post_init__(self) -> None:
         if not self.ttq_relative > 0:
             raise ConfigError(f"exp_report.ttq_relative must be positive, got {self.ttq_relative}")
+        check_ranges(self, "exp_report.")
 
 
 @dataclass(frozen=True)
@@ -216,6 +335,7 @@ class Params:
     def __post_init__(self) -> None:
         check_choice("precision", self.precision, PRECISIONS)
         _positive("threads", self.threads)
+        check_ranges(self, "")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None, source: str = "params.yaml") -> "Params":
@@ -260,14 +380,16 @@ def from_dict(cls: type, raw: Any, source: str = "params.yaml", prefix: str = ""
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            close = difflib.get_close_matches(str(key)[:100], list(fields), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
-            raise ConfigError(f"unknown key '{prefix}{key}' in {source}{hint}")
+            raise ConfigError(f"unknown key '{prefix}{shorten(key)[1:-1] if isinstance(key, str) else shorten(key)}' "
+                              f"in {source}{hint}")
         kwargs[key] = _coerce(hints[key], value, source, f"{prefix}{key}")
     try:
         return cls(**kwargs)
     except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+        # A train.<p> section does not know its precision; here its full key is known.
+        raise ConfigError(f"{source}: {str(exc).replace('train.<precision>.', prefix)}") from None
 
 
 def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
@@ -284,25 +406,25 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
         if value is None:
             return ()
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}")
+            raise ConfigError(f"{source}: '{key}' must be a list, got {shorten(value)}")
         return tuple(_coerce(args[0], v, source, key) for v in value)
     if origin is Literal:
         return value
     if hint is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{source}: '{key}' must be true or false, got {value!r}")
+            raise ConfigError(f"{source}: '{key}' must be true or false, got {shorten(value)}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r}")
+            raise ConfigError(f"{source}: '{key}' must be an integer, got {shorten(value)}")
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
+            raise ConfigError(f"{source}: '{key}' must be a number, got {shorten(value)}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{source}: '{key}' must be a string, got {value!r}")
+            raise ConfigError(f"{source}: '{key}' must be a string, got {shorten(value)}")
         return value
     return value
 
@@ -323,9 +445,10 @@ def check_choice(key: str, value: Any, valid: tuple[str, ...], error: type[R2Gen
     ``where`` (e.g. ``" in params.yaml"``) follows the value in the message.
     """
     if value not in valid:
-        close = difflib.get_close_matches(str(value), valid, n=1)
+        close = difflib.get_close_matches(str(value)[:100], valid, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise error(f"unsupported {key} '{value}'{where}, must be one of: {', '.join(valid)}{hint}")
+        shown = shorten(value)[1:-1] if isinstance(value, str) else shorten(value)
+        raise error(f"unsupported {key} '{shown}'{where}, must be one of: {', '.join(valid)}{hint}")
 
 
 def _positive(key: str, value: int) -> None:

@@ -34,6 +34,7 @@ from r2gen.errors import ConfigError
 log = logging.getLogger(__name__)
 
 NPROC_ENV = "R2GEN_NPROC"
+MAX_NPROC = 1024  # train.<p>.nproc's range (r2gen.config.RANGES)
 # Rank 0 alone writes checkpoints and the model while the others wait in the next collective.
 TIMEOUT = timedelta(minutes=60)
 
@@ -43,9 +44,11 @@ def requested_nproc(default: int = 1) -> int:
     raw = os.environ.get(NPROC_ENV, "").strip()
     if not raw:
         return default
-    if not raw.isdigit() or int(raw) < 1:
-        raise ConfigError(f"{NPROC_ENV}={raw!r} is not a positive integer; set it to the number of processes "
-                          "(e.g. GPUs on this node) or unset it")
+    # isdigit() alone accepts non-ASCII digits ('٣', '²'); int() reads some of them and not others.
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_NPROC:
+        shown = raw if len(raw) <= 20 else raw[:20] + "..."
+        raise ConfigError(f"{NPROC_ENV}={shown!r} is not a positive integer of at most {MAX_NPROC}; set it to the number "
+                          "of processes (e.g. GPUs on this node) or unset it")
     return int(raw)
 
 

@@ -13,11 +13,14 @@ compared only when the baseline and the workspace ran on the same kind of machin
 and CPU capability of the training runs involved), and speed only where it is a speed measurement on
 both sides (``speed_comparable``: not emulated, not autocast without native kernels). Otherwise the
 check is a visible ``skip`` with the reason, never a pass or a failure by accident of the hardware.
+Speed is also skipped when either side was timed on a busy host (``other_cpu_share`` over
+``BUSY_HOST``): a loaded runner then neither fails the gate nor passes it by luck.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,11 +28,17 @@ from typing import Any
 from r2gen import layout
 from r2gen.compare.derived import known
 from r2gen.errors import ConfigError
+from r2gen.records import TrainSummary
 
 DIRECTIONS = ("higher", "lower")
 MEASURES = ("speed", "memory")  # machine-dependent metrics: see the module docstring
 # What a training run records of its machine (TrainSummary fields) that must agree across the two sides.
 MACHINE_KEYS = ("device", "device_name", "cpu_capability")
+# A training run timed while other processes used more than this share of the host's CPUs
+# (TrainSummary.other_cpu_share, r2gen/training/load.py) is no speed measurement: on a 2-core host one
+# other busy process is 0.5. A run that recorded no share (older files, DDP) is compared.
+BUSY_HOST = 0.25
+LOAD_KEY = TrainSummary.key("other_cpu_share")
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,12 @@ def load_rules(raw: dict[str, Any], source: str = "metrics_gate.yaml") -> tuple[
     """Parse the gate file into (precisions, rules); malformed entries raise ConfigError."""
     if not isinstance(raw, dict) or not isinstance(raw.get("precisions"), list) or not isinstance(raw.get("metrics"), list):
         raise ConfigError(f"{source} must have a 'precisions' list and a 'metrics' list")
+    if not raw["precisions"] or not all(isinstance(p, str) for p in raw["precisions"]):
+        raise ConfigError(f"{source}: 'precisions' must be a non-empty list of names (e.g. [fp32, fp16, bf16, fp8])")
+    unknown_top = set(raw) - {"precisions", "metrics"}
+    if unknown_top:
+        raise ConfigError(f"{source} has unknown top-level key(s) {sorted(map(str, unknown_top))[:5]}; "
+                          "it holds only 'precisions' and 'metrics'")
     rules = []
     for i, entry in enumerate(raw["metrics"]):
         where = f"{source}: metrics[{i}]"
@@ -76,13 +91,22 @@ def load_rules(raw: dict[str, Any], source: str = "metrics_gate.yaml") -> tuple[
             raise ConfigError(f"{where} must be a mapping with a 'key' and a 'file' (strings)")
         unknown = set(entry) - {"key", "file", "better", "tolerance", "relative", "ratio_to", "measures"}
         if unknown:
-            raise ConfigError(f"{where} has unknown field(s) {sorted(unknown)}")
+            raise ConfigError(f"{where} has unknown field(s) {sorted(map(str, unknown))[:5]}; valid: key, file, better, "
+                              "tolerance, relative, ratio_to, measures")
         if entry.get("better") not in DIRECTIONS:
             raise ConfigError(f"{where}: 'better' must be one of {DIRECTIONS}")
         tol = entry.get("tolerance")
         tol = {"default": tol} if isinstance(tol, (int, float)) else tol
-        if not isinstance(tol, dict) or "default" not in tol or not all(isinstance(v, (int, float)) and v >= 0 for v in tol.values()):
-            raise ConfigError(f"{where}: 'tolerance' must be a number >= 0 or a mapping with a 'default'")
+        if not isinstance(tol, dict) or "default" not in tol or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+                for v in tol.values()):
+            # .inf would make the rule pass whatever happens, .nan would make it fail whatever happens
+            raise ConfigError(f"{where}: 'tolerance' must be a finite number >= 0 or a mapping with a 'default' "
+                              "(an infinite tolerance gates nothing: delete the rule instead)")
+        if entry.get("relative", False) not in (True, False):
+            raise ConfigError(f"{where}: 'relative' must be true or false")
+        if entry.get("ratio_to") is not None and entry.get("ratio_to") not in raw["precisions"]:
+            raise ConfigError(f"{where}: 'ratio_to' must be one of the precisions {raw['precisions']} (or left out)")
         if entry.get("measures") not in (None, *MEASURES):
             raise ConfigError(f"{where}: 'measures' must be one of {MEASURES} (or left out)")
         rules.append(Rule(entry["key"], entry["file"], entry["better"], {k: float(v) for k, v in tol.items()},
@@ -154,9 +178,22 @@ def not_comparable(diff: dict[str, dict], rule: Rule, precision: str) -> str | N
             flags = {side: train.get("speed_comparable", {}).get(side) for side in ("old", "new")}
             off = [side for side, flag in flags.items() if flag is False]
             if off:
-                where = " and ".join({"old": "the baseline", "new": "the workspace"}[s] for s in off)
-                return f"{p} is numerics only in {where}, not a speed measurement"
+                return f"{p} is numerics only in {_sides(off)}, not a speed measurement"
+            busy = {side: share for side in ("old", "new")
+                    if _is_number(share := train.get(LOAD_KEY, {}).get(side)) and share > BUSY_HOST}
+            if busy:
+                shares = " and ".join(f"{share:.0%} of the host's CPUs in {_sides([side])}" for side, share in busy.items())
+                return (f"{p} was timed on a busy host (other processes used {shares}, over the {BUSY_HOST:.0%} "
+                        "limit); speed is compared only between quiet runs: rerun on a quiet host")
     return None
+
+
+def _sides(sides: list[str]) -> str:
+    return " and ".join({"old": "the baseline", "new": "the workspace"}[s] for s in sides)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _machine(values: tuple) -> str:

@@ -98,3 +98,141 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# ---------------------------------------------------------------------------------------- YAML input
+MAX_YAML_BYTES = 1 << 20  # params.yaml and metrics_gate.yaml are a few KB; anything near 1 MB is not ours
+_SHOWN = 80  # characters of a value quoted in an error line
+
+
+def shorten(value: object, limit: int = _SHOWN) -> str:
+    """``repr(value)`` cut to ``limit`` characters: an error line never carries a huge value."""
+    if isinstance(value, str) and len(value) > limit:
+        value = value[:limit]
+    elif isinstance(value, (list, tuple, dict)) and len(value) > 8:
+        return f"a {type(value).__name__} of {len(value)} items"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def read_yaml(path: str | os.PathLike, *, what: str = "params file", fix: str = "fix it",
+              mapping: bool = True, error: type[R2GenError] = R2GenError) -> Any:
+    """Parse a small YAML file that a user edits (params.yaml, metrics_gate.yaml), refusing what is not one.
+
+    Refused with a one-line ``error`` naming ``path``, the problem and ``fix``: a missing path, a folder,
+    a FIFO or device (never opened: it could block or never end), more than ``MAX_YAML_BYTES``, bytes that
+    are not UTF-8 (UTF-16 named as such), NUL bytes, invalid YAML, aliases (``*name``: the expansion of a
+    few lines can be exponential), duplicate keys (YAML keeps the last one silently), nesting deeper than
+    Python's recursion limit, and, with ``mapping``, a document that is not a non-empty mapping (an
+    empty file or one of only comments, ``false`` or ``[]`` would otherwise mean "all defaults").
+    Booleans are only ``true``/``false`` (``yes``/``on`` stay strings, as in YAML 1.2 and DVC's parser),
+    and ``1e-4`` is a number, as in YAML 1.2.
+    """
+    import stat
+
+    import yaml
+
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise error(f"{what} not found: {path}; {fix}") from None
+    except OSError as exc:
+        raise error(f"cannot read {what} {path}: {exc.strerror}; {fix}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise error(f"{what} {path} is a folder, not a YAML file; pass the file")
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{what} {path} is not a regular file (a FIFO, socket or device); pass a YAML file")
+    if st.st_size > MAX_YAML_BYTES:
+        raise error(f"{what} {path} is {st.st_size:,} bytes, more than the {MAX_YAML_BYTES:,} a YAML config "
+                    "may have; is it the right file?")
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_YAML_BYTES + 1)
+    except OSError as exc:
+        raise error(f"cannot read {what} {path}: {exc.strerror}; check its permissions") from None
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff") or _utf16_without_bom(data[:64]):
+        raise error(f"{what} {path} is UTF-16 encoded; save it as UTF-8")
+    if b"\0" in data:
+        raise error(f"{what} {path} holds NUL bytes: it is a binary file, not YAML; pass the YAML file")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise error(f"{what} {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    try:
+        doc = yaml.load(text, Loader=_loader())  # noqa: S506 - a SafeLoader subclass
+    except _Refused as exc:
+        raise error(f"{what} {path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or exc.__class__.__name__
+        raise error(f"{what} {path} is not valid YAML ({problem}{where}); fix the syntax") from None
+    except (ValueError, OverflowError) as exc:  # e.g. an integer of more digits than Python converts
+        raise error(f"{what} {path} holds a value that cannot be read ({str(exc)[:100]}); fix it") from None
+    except RecursionError:
+        raise error(f"{what} {path} is nested too deeply to be a config file; is it the right file?") from None
+    if mapping and (not isinstance(doc, dict) or not doc):
+        found = "nothing (empty, or only comments)" if doc is None else f"a {type(doc).__name__}: {shorten(doc)}"
+        raise error(f"{what} {path} holds {found}, not a mapping of settings; restore it "
+                    "(git checkout -- the file) or write its sections")
+    return doc
+
+
+def _utf16_without_bom(head: bytes) -> bool:
+    """ASCII text in UTF-16: every other byte is NUL."""
+    return len(head) >= 4 and (not any(head[0::2]) or not any(head[1::2])) and any(head)
+
+
+def _strict_loader() -> type:
+    import re
+
+    import yaml
+
+    class _Loader(yaml.SafeLoader):
+        def compose_node(self, parent, index):  # type: ignore[override]
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise _Refused(f"line {event.start_mark.line + 1} uses the YAML alias *{event.anchor}; aliases "
+                               "are not allowed in a config file (they can expand without bound): write the value out")
+            return super().compose_node(parent, index)
+
+        def construct_mapping(self, node, deep=False):  # type: ignore[override]
+            seen: set = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:
+                    raise _Refused(f"line {key_node.start_mark.line + 1} has a key that is a list or mapping; "
+                                   "keys must be plain names") from None
+                if duplicate:
+                    raise _Refused(f"key {shorten(key)} appears twice (line {key_node.start_mark.line + 1}); "
+                                   "YAML would keep the last one silently: delete one")
+            return super().construct_mapping(node, deep)
+
+    # YAML 1.1 booleans (yes/no/on/off/y/n) are a classic trap (`country: no`); DVC reads YAML 1.2.
+    resolvers = {ch: [(tag, rx) for tag, rx in entries if tag != "tag:yaml.org,2002:bool"]
+                 for ch, entries in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    _Loader.yaml_implicit_resolvers = resolvers
+    _Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                  list("tTfF"))
+    _Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                  re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                  list("-+0123456789"))
+    return _Loader
+
+
+class _Refused(ValueError):
+    """Something YAML allows that a config file may not hold (an alias, a duplicate key)."""
+
+
+_LOADERS: list[type] = []
+
+
+def _loader() -> type:
+    """The strict loader class, built on first use (PyYAML is imported only by readers of YAML)."""
+    if not _LOADERS:
+        _LOADERS.append(_strict_loader())
+    return _LOADERS[0]

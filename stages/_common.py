@@ -9,27 +9,21 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-import yaml
-
 # Stages run as `python stages/<name>.py` from the repository root; make `r2gen` importable even
 # when the package is not installed (it is, in the venv the Makefile builds).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from r2gen.config import Params  # noqa: E402
 from r2gen.errors import ConfigError, R2GenError  # noqa: E402
+from r2gen.io import read_yaml  # noqa: E402
 
 PARAMS_FILE = "params.yaml"
 
 
 def load_params(path: str = PARAMS_FILE) -> Params:
-    """Read params.yaml into typed, validated config objects."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"{path} not found; run the stage from the repository root") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML ({exc.__class__.__name__}); fix the syntax") from None
+    """Read params.yaml into typed, validated config objects (see r2gen.io.read_yaml for what is refused)."""
+    raw = read_yaml(path, what="params file", error=ConfigError,
+                    fix="run the stage from the repository root (where params.yaml is)")
     return Params.from_dict(raw, source=path)
 
 
@@ -47,8 +41,32 @@ def run(main: Callable[[list[str]], int | None]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - re-raised unless it only happened while a Ctrl-C unwound
+        if not _during_interrupt(exc):
+            raise
+        if verbose:
+            traceback.print_exc()
+        print(INTERRUPTED, file=sys.stderr)
+        return 130
+
+
+# Every output is written to a temporary sibling and renamed into place (r2gen.io), so an interrupt
+# leaves the previous file or none, never half of one; train resumes from its last epoch checkpoint.
+INTERRUPTED = ("error: interrupted (Ctrl-C); no output was left half-written; rerun the stage "
+               "(train resumes from its last complete epoch checkpoint)")
+
+
+def _during_interrupt(exc: BaseException) -> bool:
+    """True when a KeyboardInterrupt is in ``exc``'s context chain (a cleanup that failed while it unwound)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__context__
+    return False
 
 
 def usage(doc: str, argv: list[str], n: int) -> list[str]:

@@ -6,11 +6,13 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 
 from _common import load_params, run, usage
 
 from r2gen.data.images import load_prepared
+from r2gen.errors import ConfigError
 from r2gen.tokenizer import Tokenizer
 
 log = logging.getLogger("build_tokenizer")
@@ -22,6 +24,12 @@ def main(argv: list[str]) -> None:
     reports = load_prepared(Path(prepared), "train").reports
     cfg = params.tokenizer
     tokenizer = Tokenizer.build(reports, params.data.dataset, cfg.threshold, cfg.max_seq_length, cfg.fixes)
+    if len(tokenizer.tokens) <= 1:  # only <unk>: every report would encode to unknowns and train nothing
+        counts = Counter(t for r in reports for t in tokenizer.clean(r).split())
+        top = max(counts.values(), default=0)
+        raise ConfigError(f"tokenizer.threshold {cfg.threshold} in params.yaml keeps no word of the {len(reports)} train "
+                          f"reports (the most frequent appears {top} times), so the vocabulary would be only <unk>; "
+                          f"lower it to at most {max(top, 1)} (R2Gen: 3 for IU X-Ray, 10 for MIMIC-CXR)")
     tokenizer.save(out)
     lengths = [len(tokenizer.encode(r)) for r in reports]
     truncated = sum(n >= cfg.max_seq_length for n in lengths)

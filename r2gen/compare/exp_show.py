@@ -10,6 +10,8 @@ so renaming a field breaks this module at import, not a report column silently.
 
 from __future__ import annotations
 
+import math
+import typing
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -17,7 +19,7 @@ from r2gen import layout
 from r2gen.compare import labels
 from r2gen.config import PRECISIONS
 from r2gen.errors import R2GenError
-from r2gen.records import TrainSummary
+from r2gen.records import EvalSummary, TrainSummary
 
 BACKEND = TrainSummary.key("backend")
 SPEED_COMPARABLE = TrainSummary.key("speed_comparable")
@@ -63,32 +65,64 @@ def parse_exp_show(rows: Any, precisions: Sequence[str] = PRECISIONS) -> tuple[l
     Raises:
         R2GenError: the input is not ``dvc exp show --json`` output.
     """
-    if not isinstance(rows, list) or not all(isinstance(r, dict) and "rev" in r for r in rows):
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("rev"), str) for r in rows):
         raise R2GenError("input is not the output of `dvc exp show --json` (a list of revisions); "
                          "run `dvc exp show --json > exps.json` and pass that file")
     experiments, skipped, seen = [], [], set()
     for base in rows:
-        for exp_range in base.get("experiments") or []:
-            revs = exp_range.get("revs") or [{}]
-            head = revs[0]
-            name = exp_range.get("name") or head.get("name") or str(head.get("rev", "?"))[:7]
-            state = (exp_range.get("executor") or {}).get("state", "success")  # run in the workspace: no executor
-            if state != "success":
-                skipped.append(f"{name}: {state}")
+        ranges = base.get("experiments") or []
+        if not isinstance(ranges, list):
+            skipped.append(f"{base['rev'][:7]}: 'experiments' is a {type(ranges).__name__}, not a list")
+            continue
+        for exp_range in ranges:
+            problem, name, head = _entry(exp_range)
+            if problem:
+                skipped.append(f"{name}: {problem}")
                 continue
-            if head.get("rev") in seen:
+            if head["rev"] in seen:
                 continue
-            data = head.get("data")
-            if head.get("error") or not data:
-                skipped.append(f"{name}: {(head.get('error') or {}).get('msg') or 'no data'}")
-                continue
-            experiment, missing = _experiment(name, head["rev"], base["rev"], data, precisions)
+            experiment, missing = _experiment(name, head["rev"], base["rev"], head["data"], precisions)
             if missing:
                 skipped.append(f"{name}: missing {', '.join(missing)}")
                 continue
             seen.add(head["rev"])
             experiments.append(experiment)
     return experiments, skipped
+
+
+def _entry(exp_range: Any) -> tuple[str | None, str, dict]:
+    """(why the range is left out or None, its name, its head revision) for one entry of ``experiments``.
+
+    Every field read is checked for its type: a hand-edited or foreign file leaves the entry out with
+    the reason, never a traceback.
+    """
+    if not isinstance(exp_range, dict):
+        return f"not an experiment entry (a {type(exp_range).__name__})", "?", {}
+    revs = exp_range.get("revs") or [{}]
+    head = revs[0] if isinstance(revs, list) else None
+    if not isinstance(head, dict):
+        return "'revs' is not a list of revisions", _name(exp_range.get("name")), {}
+    name = _name(exp_range.get("name")) if exp_range.get("name") else _name(head.get("name") or head.get("rev"), 7)
+    executor = exp_range.get("executor") or {}
+    state = executor.get("state", "success") if isinstance(executor, dict) else "unknown executor"
+    if state != "success":  # run in the workspace: no executor
+        return _name(state), name, head
+    if not isinstance(head.get("rev"), str):
+        return "no revision", name, head
+    data, error = head.get("data"), head.get("error")
+    if error or not data:
+        msg = error.get("msg") if isinstance(error, dict) else error
+        return _name(msg or "no data", 200), name, head
+    if not isinstance(data, dict):
+        return f"'data' is a {type(data).__name__}, not a mapping", name, head
+    return None, name, head
+
+
+def _name(value: Any, limit: int = 80) -> str:
+    """A printable, bounded name or message from the input (any type, any length, no control characters)."""
+    text = value if isinstance(value, str) else "?" if value is None else repr(value)
+    text = "".join(ch if ch.isprintable() else "?" for ch in text[: limit + 1])
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _experiment(name: str, rev: str, baseline: str, data: dict,
@@ -103,11 +137,58 @@ def _experiment(name: str, rev: str, baseline: str, data: dict,
         [train_files[p] for p, d in train.items() if d is None] + [eval_files[p] for p, d in evals.items() if d is None]
     if missing:
         return None, missing
-    return Experiment(name, rev, baseline, flatten(params), train, evals), []
+    bad = [f"{train_files[p]} ({why})" for p, d in train.items() if (why := _mistyped(d, TrainSummary))] + \
+          [f"{eval_files[p]} ({why})" for p, d in evals.items() if (why := _mistyped(d, EvalSummary))]
+    params = flatten(params)
+    seed = params.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        bad.append(f"{layout.PARAMS} (seed is {_name(seed, 40)}, not an integer)")
+    if bad:
+        return None, [f"a valid {b}" for b in bad]
+    return Experiment(name, rev, baseline, params, train, evals), []
 
 
-def _file(results: dict, path: str) -> dict | None:
+def _mistyped(data: dict, record: type) -> str | None:
+    """Why a metrics dict from ``dvc exp show`` does not fit ``record``'s field types, or None.
+
+    Keys may be missing (an older experiment); a present one must have its record's type, numbers
+    finite: a report of those numbers is built from them.
+    """
+    hints = _hints(record)
+    for key, value in data.items():
+        if key in hints and not _fits(value, hints[key]):
+            return f"'{_name(key, 40)}' is {_name(value, 40)}"
+    return None
+
+
+def _hints(record: type) -> dict[str, Any]:
+    if record not in _HINTS:
+        _HINTS[record] = typing.get_type_hints(record)
+    return _HINTS[record]
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    args = typing.get_args(hint)
+    if args and type(None) in args:  # X | None
+        return value is None or _fits(value, next(a for a in args if a is not type(None)))
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint in (str, dict):
+        return isinstance(value, hint)
+    return True
+
+
+def _file(results: Any, path: str) -> dict | None:
     """The parsed content of one params/metrics file in a ``dvc exp show`` entry, or None."""
+    if not isinstance(results, dict):
+        return None
     entry = results.get(path) or results.get(path.replace("/", "\\"))
     data = entry.get("data") if isinstance(entry, dict) else None
     return data if isinstance(data, dict) else None
@@ -117,6 +198,7 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     """``{"train": {"common": {"epochs": 3}}}`` -> ``{"train.common.epochs": 3}``."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
+        key = str(key)
         if isinstance(value, dict) and value:
             flat.update(flatten(value, f"{prefix}{key}."))
         else:

@@ -6,6 +6,7 @@
 - :mod:`~r2gen.training.batchsize`: the batch of ``batch_mode`` (the max-batch probe) and learning-rate scaling
 - :mod:`~r2gen.training.live`: the dvclive history, always closed
 - :mod:`~r2gen.training.memory`: RSS and peak-memory measurements
+- :mod:`~r2gen.training.load`: the other processes' CPU share while the run was timed (a busy host)
 
 The stage resolves params.yaml once into a :class:`~r2gen.config.TrainSpec`::
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,6 +41,7 @@ from r2gen.records import TrainSummary
 from r2gen.tokenizer import Tokenizer
 from r2gen.training.batchsize import BatchChoice, choose_batch
 from r2gen.training.live import LiveLogger, NullLogger, open_history
+from r2gen.training.load import HostLoad
 from r2gen.training.memory import peak_memory, rss_bytes
 from r2gen.training.state import (TrainState, Trainables, config_fingerprint, load_resumable, restore_checkpoint,
                                   save_checkpoint, seed_everything)
@@ -84,6 +85,8 @@ class Run:
     resume_step: int | None  # the last history step a resumed run keeps; None for a fresh run
     consecutive_nonfinite: int = 0  # steps without an update in a row (not checkpointed)
     fp8_verified: bool = False  # the first full step of this process was checked to run in FP8
+    # Other processes' CPU time while the epochs ran (this process's segment only: not checkpointed).
+    load: HostLoad = field(default_factory=HostLoad)
 
     @property
     def device(self) -> torch.device:
@@ -206,6 +209,7 @@ def run_epoch(run: Run, epoch: int, history: LiveLogger | NullLogger) -> float:
     epoch_loss, epoch_n = 0.0, 0
     bar = tqdm(run.train_batches, desc=f"{run.spec.precision} epoch {epoch + 1}/{common.epochs}", leave=False,
                mininterval=5, disable=None if run.world.is_main else True)
+    run.load.start()
     t0 = time.perf_counter()  # a step's time includes assembling its batch
     for images, labels in bar:
         result = train_step(run.model, images, labels, run.parts.optimizer, run.parts.scaler, run.plan,
@@ -219,6 +223,7 @@ def run_epoch(run: Run, epoch: int, history: LiveLogger | NullLogger) -> float:
             epoch_loss += result.loss * result.samples
             epoch_n += result.samples
         _log_step(run, result, dt, history)
+    run.load.stop()
     bar.close()
     return epoch_loss / max(epoch_n, 1)
 
@@ -313,6 +318,8 @@ def summarize(run: Run, baseline_rss: int) -> TrainSummary:
         val_loss=state.val_losses[-1] if state.val_losses else None,
         samples_per_s=state.timed_samples / state.timed_seconds if state.timed_seconds else None,
         train_seconds=state.wall_seconds,
+        # Under DDP the other ranks are other processes too: the share would read as load, so none is recorded.
+        other_cpu_share=None if world.distributed else run.load.other_share,
         peak_memory_bytes=peak,
         peak_memory_fraction=peak / total,
         peak_memory_kind=peak_kind + (f" (rank 0 of {world.size})" if world.distributed else ""),
