@@ -54,7 +54,7 @@ def run(main: Callable[[list[str]], int | None]) -> int:
 
 # Every output is written to a temporary sibling and renamed into place (r2gen.io), so an interrupt
 # leaves the previous file or none, never half of one; train resumes from its last epoch checkpoint.
-INTERRUPTED = ("error: interrupted (Ctrl-C); no output was left half-written; rerun the stage "
+INTERRUPTED = ("error: interrupted (Ctrl-C or SIGTERM); no output was left half-written; rerun the stage "
                "(train resumes from its last complete epoch checkpoint)")
 
 
