@@ -176,16 +176,27 @@ class TrainConfig:
 @dataclass(frozen=True)
 class EvaluateConfig:
     precision: str = "fp32"  # generation precision, the same for every trained model
-    num_beams: int = 3
-    max_new_tokens: int = 60
+    num_beams: int = 3  # 1: deterministic greedy (the public code samples at random with beam size 1)
+    # Longest report in tokens, EOS included; None: the tokenizer's max_seq_length, as the public code
+    # generates up to max_seq_length tokens (60 IU X-Ray, 100 MIMIC-CXR).
+    max_new_tokens: int | None = None
+    block_trigrams: bool = False  # greedy only: the public greedy's trigram penalty (-0.693 * 2 per repeat)
     batch_size: int = 16
     meteor: bool = True  # needs Java; without it METEOR is recorded as null with the reason
 
     def __post_init__(self) -> None:
         check_choice("evaluate.precision", self.precision, PRECISIONS)
         _positive("evaluate.num_beams", self.num_beams)
-        _positive("evaluate.max_new_tokens", self.max_new_tokens)
+        if self.max_new_tokens is not None:
+            _positive("evaluate.max_new_tokens", self.max_new_tokens)
         _positive("evaluate.batch_size", self.batch_size)
+        if self.block_trigrams and self.num_beams != 1:
+            raise ConfigError(f"evaluate.block_trigrams applies to greedy decoding only (num_beams: 1), got "
+                              f"num_beams: {self.num_beams}; the public beam search does not block trigrams either")
+
+    def max_tokens(self, max_seq_length: int) -> int:
+        """The generation length used: ``max_new_tokens``, or the tokenizer's ``max_seq_length``."""
+        return self.max_new_tokens if self.max_new_tokens is not None else max_seq_length
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -41,3 +43,11 @@ def test_the_baseline_is_a_baseline_record(tiny_data):
     assert isinstance(summary, BaselineSummary)
     assert list(summary.to_json()) == list(BaselineSummary.keys())
     assert BaselineSummary.from_json(summary.to_json()) == summary
+
+
+def test_evaluation_generates_up_to_the_tokenizers_max_seq_length_by_default(model_path, tiny_data):
+    """``evaluate.max_new_tokens: null`` is the model's tokenizer's max_seq_length (60 here), recorded as used."""
+    cfg = dataclasses.replace(tiny_params().evaluate, max_new_tokens=None, num_beams=1, block_trigrams=True)
+    summary, predictions = evaluate_model(model_path, tiny_data["prepared"], cfg, "cpu", threads=1)
+    assert summary.max_new_tokens == Tokenizer.load(tiny_data["tokenizer"]).max_seq_length == 60
+    assert summary.num_beams == 1 and all(len(p["generated"].split()) <= 60 for p in predictions)
