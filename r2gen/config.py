@@ -34,6 +34,10 @@ class DataConfig:
     root: str = "data/iu_xray_sample"  # folder holding annotation.json and images/
     image_size: int = 224  # model input side in px (R2Gen: 224)
     train_crop: bool = True  # R2Gen: train images resized to 256/224*size then randomly cropped
+    # Train cache (train_crop): each view keeps its aspect ratio up to this long:short ratio, so the
+    # random crop reaches every position R2Gen's Resize(256) + RandomCrop(224) reaches; a longer
+    # view is centre-cropped to the bound along its long side. 1.0: the central square only.
+    train_max_aspect: float = 1.5
     hflip: bool = False  # R2Gen flips train images, swapping anatomical left/right but not the words
     on_invalid: str = "error"  # a bad study (missing image, empty report, ...): error | drop (logged)
 
@@ -41,6 +45,9 @@ class DataConfig:
         check_choice("data.dataset", self.dataset, DATASETS)
         check_choice("data.on_invalid", self.on_invalid, ("error", "drop"))
         _positive("data.image_size", self.image_size)
+        if not 1.0 <= self.train_max_aspect <= 10.0:
+            raise ConfigError(f"data.train_max_aspect must be from 1.0 (the central square) to 10.0, "
+                              f"got {self.train_max_aspect}")
 
     @property
     def views(self) -> int:
@@ -50,6 +57,11 @@ class DataConfig:
     def stored_size(self) -> int:
         """Side of the cached training images (before the random crop)."""
         return round(self.image_size * 256 / 224) if self.train_crop else self.image_size
+
+    @property
+    def stored_long(self) -> int:
+        """Bound on the long side of the cached training images (``stored_size`` x ``train_max_aspect``)."""
+        return int(self.stored_size * self.train_max_aspect) if self.train_crop else self.image_size
 
 
 @dataclass(frozen=True)
