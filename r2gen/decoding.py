@@ -15,8 +15,9 @@ beam can score above its running sum. Once a study's best finished score is >= e
 of its beams, no later finished beam can replace it, so the study is done and its rows are dropped.
 This cannot change the result; the full-recompute reference runs every step without it.
 
-``num_beams=1`` is deterministic greedy decoding (the public code with beam size 1 samples at random
-unless ``--sample_method greedy``). ``block_trigrams=True`` (greedy only, as in the public code,
+``num_beams=1`` is deterministic greedy decoding, the word of highest log-probability at each step
+as the public greedy picks it (``torch.max``); the public code with beam size 1 samples at random
+unless ``--sample_method greedy``. ``block_trigrams=True`` (greedy only, as in the public code,
 whose beam search ignores the option) applies the public greedy's trigram penalty, see
 :func:`trigram_penalty`.
 """
@@ -100,9 +101,15 @@ def beam_search(stepper: Stepper, batch_size: int, num_beams: int, max_len: int,
         if block_trigrams:  # k = 1: one row per study
             lp = lp + trigram_penalty(seqs[:, 0], V).unsqueeze(1)
         kk = lp.shape[1]
-        candidates = sums[:, :kk].unsqueeze(-1) + lp
-        scores, ix = torch.sort(candidates.reshape(A, -1), -1, True)
-        scores, ix = scores[:, :k], ix[:, :k]  # (A, k)
+        if k == 1:
+            # Greedy: the public code's torch.max over this step's log-probabilities (the first of equal
+            # maxima), not over running sums, whose fp32 rounding can tie two close candidates.
+            best, ix = lp[:, 0].max(-1, keepdim=True)  # (A, 1)
+            scores = sums[:, :1] + best
+        else:
+            candidates = sums[:, :kk].unsqueeze(-1) + lp
+            scores, ix = torch.sort(candidates.reshape(A, -1), -1, True)
+            scores, ix = scores[:, :k], ix[:, :k]  # (A, k)
         beam_ix, words = ix // V, ix % V
         seqs = torch.cat([seqs.gather(1, beam_ix.unsqueeze(-1).expand(-1, -1, seqs.shape[2])),
                           words.unsqueeze(-1)], dim=-1)  # (A, k, t+1)

@@ -142,3 +142,14 @@ def test_generation_produces_at_most_max_new_tokens_eos_included():
     ends_at_3 = {0: [-30.0, -30.0, 0.0, -30, -30, -30], 2: [-30.0, -30.0, -30.0, 0.0, -30, -30],
                  3: [0.0] + [-30.0] * (V - 1)}
     assert beam_search(ScriptedStepper(ends_at_3, 1), 1, 1, 3)[0].tolist() == [2, 3, 0]
+
+
+def test_greedy_takes_the_highest_log_probability_even_where_running_sums_would_tie():
+    """The public greedy is torch.max over the step's log-probabilities; adding a running sum of -40 in
+    fp32 rounds -41 and -40.9999990 to one value, which must not decide the word."""
+    table = {0: [-60.0, -40.0, -60.0, -60.0, -60.0, -60.0],
+             1: [-60.0, -60.0, -1.0, float(torch.tensor(-1.0 + 1e-6)), -60.0, -60.0],
+             3: [0.0] + [-60.0] * (V - 1), 2: [0.0] + [-60.0] * (V - 1)}
+    sums = torch.tensor(-40.0) + torch.tensor(table[1][2:4])
+    assert sums[0] == sums[1]  # the tie the running sum would create
+    assert beam_search(ScriptedStepper(table, 1), 1, 1, 4)[0].tolist() == [1, 3, 0]
