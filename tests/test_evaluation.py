@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from helpers import tiny_params
+from r2gen.errors import R2GenError
 from r2gen.evaluation import evaluate_model, image_blind_baseline
 from r2gen.records import BaselineSummary, EvalSummary
 from r2gen.tokenizer import Tokenizer
@@ -51,3 +52,9 @@ def test_evaluation_generates_up_to_the_tokenizers_max_seq_length_by_default(mod
     summary, predictions = evaluate_model(model_path, tiny_data["prepared"], cfg, "cpu", threads=1)
     assert summary.max_new_tokens == Tokenizer.load(tiny_data["tokenizer"]).max_seq_length == 60
     assert summary.num_beams == 1 and all(len(p["generated"].split()) <= 60 for p in predictions)
+
+
+def test_a_generation_length_over_the_positional_table_is_a_one_line_error(model_path, tiny_data):
+    cfg = dataclasses.replace(tiny_params().evaluate, max_new_tokens=2000)
+    with pytest.raises(R2GenError, match="evaluate.max_new_tokens 2000 is over this model's limit of 1024 tokens"):
+        evaluate_model(model_path, tiny_data["prepared"], cfg, "cpu", threads=1)
