@@ -36,7 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--study", action="append", type=Path, default=[],
                    help="a folder holding one study's views (0.png, 1.png, ...); repeatable")
     g.add_argument("--num-beams", type=_positive_int, default=3, help="beam size; 1 is greedy decoding")
-    g.add_argument("--max-new-tokens", type=_positive_int, default=60)
+    g.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                   help="longest report in tokens, EOS included (default: the model's tokenizer max_seq_length)")
+    g.add_argument("--block-trigrams", action="store_true",
+                   help="with --num-beams 1: the public greedy's trigram penalty (evaluate.block_trigrams)")
     g.add_argument("--batch-size", type=_positive_int, default=8,
                    help="studies decoded at a time (bounds memory with many --study folders)")
     g.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -169,14 +172,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     model = build_model(ckpt, args.checkpoint).to(device)
     positions = model.embed.pe.shape[0]  # the decoder's positional table bounds the report length
-    if args.max_new_tokens > positions:
-        raise R2GenError(f"--max-new-tokens {args.max_new_tokens} is over this model's limit of {positions} tokens")
+    max_tokens = args.max_new_tokens if args.max_new_tokens is not None else tokenizer.max_seq_length
+    if max_tokens > positions:
+        raise R2GenError(f"--max-new-tokens {max_tokens} is over this model's limit of {positions} tokens")
+    if args.block_trigrams and args.num_beams != 1:
+        raise R2GenError(f"--block-trigrams applies to greedy decoding only (--num-beams 1), got --num-beams {args.num_beams}")
 
     for start in range(0, len(studies), args.batch_size):
         chunk = studies[start : start + args.batch_size]
         # load_view returns read-only arrays; np.stack copies them into one writable block.
         images = torch.from_numpy(np.stack([[load_view(p, size) for p in paths] for _, paths in chunk]))  # (B, V, S, S)
-        ids = model.generate(images.to(device), num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
+        ids = model.generate(images.to(device), num_beams=args.num_beams, max_new_tokens=max_tokens,
+                             block_trigrams=args.block_trigrams)
         for (name, paths), report in zip(chunk, tokenizer.batch_decode(ids.cpu())):
             if args.format == "jsonl":
                 emit(json.dumps({"study": name, "images": [str(p) for p in paths], "report": report}))

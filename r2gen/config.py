@@ -70,6 +70,7 @@ RANGES: dict[str, dict[str, Range]] = {
     },
     "DataConfig": {
         "image_size": Range(8, 2048, why="2048 px is already 9x the paper's 224"),
+        "train_max_aspect": Range(1.0, 10.0, why="1.0 is the central square; longer views are centre-cropped to it"),
     },
     "TokenizerConfig": {
         "threshold": Range(1, 10**6),
@@ -146,6 +147,10 @@ class DataConfig:
     root: str = "data/iu_xray_sample"  # folder holding annotation.json and images/
     image_size: int = 224  # model input side in px (R2Gen: 224)
     train_crop: bool = True  # R2Gen: train images resized to 256/224*size then randomly cropped
+    # Train cache (train_crop): each view keeps its aspect ratio up to this long:short ratio, so the
+    # random crop reaches every position R2Gen's Resize(256) + RandomCrop(224) reaches; a longer
+    # view is centre-cropped to the bound along its long side. 1.0: the central square only.
+    train_max_aspect: float = 1.5
     hflip: bool = False  # R2Gen flips train images, swapping anatomical left/right but not the words
     on_invalid: str = "error"  # a bad study (missing image, empty report, ...): error | drop (logged)
 
@@ -163,6 +168,11 @@ class DataConfig:
     def stored_size(self) -> int:
         """Side of the cached training images (before the random crop)."""
         return round(self.image_size * 256 / 224) if self.train_crop else self.image_size
+
+    @property
+    def stored_long(self) -> int:
+        """Bound on the long side of the cached training images (``stored_size`` x ``train_max_aspect``)."""
+        return int(self.stored_size * self.train_max_aspect) if self.train_crop else self.image_size
 
 
 @dataclass(frozen=True)
@@ -293,17 +303,28 @@ class TrainConfig:
 @dataclass(frozen=True)
 class EvaluateConfig:
     precision: str = "fp32"  # generation precision, the same for every trained model
-    num_beams: int = 3
-    max_new_tokens: int = 60
+    num_beams: int = 3  # 1: deterministic greedy (the public code samples at random with beam size 1)
+    # Longest report in tokens, EOS included; None: the tokenizer's max_seq_length, as the public code
+    # generates up to max_seq_length tokens (60 IU X-Ray, 100 MIMIC-CXR).
+    max_new_tokens: int | None = None
+    block_trigrams: bool = False  # greedy only: the public greedy's trigram penalty (-0.693 * 2 per repeat)
     batch_size: int = 16
     meteor: bool = True  # needs Java; without it METEOR is recorded as null with the reason
 
     def __post_init__(self) -> None:
         check_choice("evaluate.precision", self.precision, PRECISIONS)
         _positive("evaluate.num_beams", self.num_beams)
-        _positive("evaluate.max_new_tokens", self.max_new_tokens)
+        if self.max_new_tokens is not None:
+            _positive("evaluate.max_new_tokens", self.max_new_tokens)
         _positive("evaluate.batch_size", self.batch_size)
         check_ranges(self, "evaluate.")
+        if self.block_trigrams and self.num_beams != 1:
+            raise ConfigError(f"evaluate.block_trigrams applies to greedy decoding only (num_beams: 1), got "
+                              f"num_beams: {self.num_beams}; the public beam search does not block trigrams either")
+
+    def max_tokens(self, max_seq_length: int) -> int:
+        """The generation length used: ``max_new_tokens``, or the tokenizer's ``max_seq_length``."""
+        return self.max_new_tokens if self.max_new_tokens is not None else max_seq_length
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,12 @@ Early exit (ours): log-probabilities are <= 0 and IEEE addition is monotonic, so
 beam can score above its running sum. Once a study's best finished score is >= every running sum
 of its beams, no later finished beam can replace it, so the study is done and its rows are dropped.
 This cannot change the result; the full-recompute reference runs every step without it.
+
+``num_beams=1`` is deterministic greedy decoding, the word of highest log-probability at each step
+as the public greedy picks it (``torch.max``); the public code with beam size 1 samples at random
+unless ``--sample_method greedy``. ``block_trigrams=True`` (greedy only, as in the public code,
+whose beam search ignores the option) applies the public greedy's trigram penalty, see
+:func:`trigram_penalty`.
 """
 
 from __future__ import annotations
@@ -24,6 +30,10 @@ import torch
 
 EOS = 0
 FINISHED_PENALTY = 1000.0
+# The public greedy's trigram penalty, per earlier occurrence: ln(1/2) * alpha, with its constants
+# (R2Gen's att_model._sample, from lukemelas/image-paragraph-captioning).
+TRIGRAM_LN_HALF = -0.693
+TRIGRAM_ALPHA = 2.0
 
 
 class Stepper(Protocol):
@@ -44,14 +54,39 @@ class Stepper(Protocol):
         ...
 
 
+def trigram_penalty(seqs: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The public greedy's trigram blocking for the next token: (N, t) generated tokens -> (N, V) fp32.
+
+    Each row's trigrams so far (``seqs[u-2], seqs[u-1], seqs[u]``, BOS not included) that start with
+    its last two tokens penalise their third token by ``-0.693 * 2.0`` per occurrence, evaluated as
+    the public ``logprobs + mask * -0.693 * alpha`` does (the count times -0.693 in fp32, times 2).
+    Zero before the fourth token (t < 3), as in the public code.
+    """
+    N, t = seqs.shape
+    counts = torch.zeros(N, vocab_size, device=seqs.device)
+    if t >= 3:
+        last_two = seqs[:, t - 2 :]  # (N, 2)
+        seen = (seqs[:, : t - 2] == last_two[:, :1]) & (seqs[:, 1 : t - 1] == last_two[:, 1:])  # (N, t-2)
+        counts.scatter_add_(1, seqs[:, 2:], seen.float())
+    return counts * TRIGRAM_LN_HALF * TRIGRAM_ALPHA
+
+
 @torch.no_grad()
-def beam_search(stepper: Stepper, batch_size: int, num_beams: int, max_len: int, early_exit: bool = True) -> torch.Tensor:
+def beam_search(stepper: Stepper, batch_size: int, num_beams: int, max_len: int, early_exit: bool = True,
+                block_trigrams: bool = False) -> torch.Tensor:
     """Best sequence per study (B, L) including its EOS, 0-padded. ``num_beams=1`` is greedy.
 
     ``stepper.step(tokens (N,)) -> logprobs (N, V)`` advances every row by one token;
     ``stepper.select(index (A, k))`` keeps/reorders/duplicates rows: the k new rows of study a (in
     consecutive rows, studies in their order) are the old rows ``index[a]``, all from study a's rows.
+    ``block_trigrams`` (greedy only) adds :func:`trigram_penalty` to each step's log-probabilities.
+
+    Raises:
+        ValueError: ``block_trigrams`` with ``num_beams > 1`` (the public beam search has no blocking).
     """
+    if block_trigrams and num_beams != 1:
+        raise ValueError(f"block_trigrams applies to greedy decoding only (num_beams=1), got num_beams={num_beams}; "
+                         "the public code's beam search does not block trigrams either")
     k, device = num_beams, stepper.device
     active = torch.arange(batch_size)  # studies still searching, in row-block order
     best_score = [float("-inf")] * batch_size
@@ -63,10 +98,18 @@ def beam_search(stepper: Stepper, batch_size: int, num_beams: int, max_len: int,
     for t in range(max_len):
         A, V = len(active), logprobs.shape[-1]
         lp = logprobs.float().view(A, -1, V)  # (A, kk, V); kk = 1 at t = 0
+        if block_trigrams:  # k = 1: one row per study
+            lp = lp + trigram_penalty(seqs[:, 0], V).unsqueeze(1)
         kk = lp.shape[1]
-        candidates = sums[:, :kk].unsqueeze(-1) + lp
-        scores, ix = torch.sort(candidates.reshape(A, -1), -1, True)
-        scores, ix = scores[:, :k], ix[:, :k]  # (A, k)
+        if k == 1:
+            # Greedy: the public code's torch.max over this step's log-probabilities (the first of equal
+            # maxima), not over running sums, whose fp32 rounding can tie two close candidates.
+            best, ix = lp[:, 0].max(-1, keepdim=True)  # (A, 1)
+            scores = sums[:, :1] + best
+        else:
+            candidates = sums[:, :kk].unsqueeze(-1) + lp
+            scores, ix = torch.sort(candidates.reshape(A, -1), -1, True)
+            scores, ix = scores[:, :k], ix[:, :k]  # (A, k)
         beam_ix, words = ix // V, ix % V
         seqs = torch.cat([seqs.gather(1, beam_ix.unsqueeze(-1).expand(-1, -1, seqs.shape[2])),
                           words.unsqueeze(-1)], dim=-1)  # (A, k, t+1)

@@ -45,6 +45,9 @@ def evaluate_model(model_path: Path, prepared: Path, cfg: EvaluateConfig, device
                    threads: int) -> tuple[EvalSummary, list[dict]]:
     """Test loss, beam-search reports and their scores for one model file, on ``threads`` CPU threads.
 
+    Reports are at most ``cfg.max_new_tokens`` tokens, by default the model's tokenizer's
+    ``max_seq_length``; the value used is recorded as ``max_new_tokens``.
+
     Returns ``(summary, predictions)`` with predictions ``{id, reference, generated}`` per study.
     """
     torch.set_num_threads(threads)
@@ -63,6 +66,11 @@ def evaluate_model(model_path: Path, prepared: Path, cfg: EvaluateConfig, device
             f"{prepared}/test.npy holds images of shape {tuple(test.images.shape[1:])} but {model_path} expects "
             f"({views}, {size}, {size}); rerun `dvc repro` so both come from the same params"
         )
+    max_tokens = cfg.max_tokens(tokenizer.max_seq_length)
+    positions = model.embed.pe.shape[0]  # the decoder's positional table bounds the report length
+    if max_tokens > positions:
+        raise R2GenError(f"evaluate.max_new_tokens {max_tokens} is over this model's limit of {positions} tokens; "
+                         f"set evaluate.max_new_tokens to at most {positions}")
     batches = StudyBatches(test, tokenizer, cfg.batch_size, size, train=False)
     test_loss = evaluate_loss(model, batches, plan)
 
@@ -71,7 +79,8 @@ def evaluate_model(model_path: Path, prepared: Path, cfg: EvaluateConfig, device
     for images, _ in tqdm(batches, desc=f"generate ({cfg.precision})", leave=False, mininterval=5, disable=None):
         t0 = time.perf_counter()
         with plan.autocast():
-            ids = model.generate(images.to(dev), num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens)
+            ids = model.generate(images.to(dev), num_beams=cfg.num_beams, max_new_tokens=max_tokens,
+                                 block_trigrams=cfg.block_trigrams)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         seconds += time.perf_counter() - t0
@@ -88,7 +97,7 @@ def evaluate_model(model_path: Path, prepared: Path, cfg: EvaluateConfig, device
         reports_per_s=len(hyps) / seconds if seconds else None,
         generation_seconds=seconds,
         num_beams=cfg.num_beams,
-        max_new_tokens=cfg.max_new_tokens,
+        max_new_tokens=max_tokens,
         test_studies=len(hyps),
         distinct_reports=len(set(hyps)),
         threads=threads,

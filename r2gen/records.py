@@ -175,7 +175,7 @@ class EvalSummary(Record):
     reports_per_s: float | None
     generation_seconds: float
     num_beams: int
-    max_new_tokens: int
+    max_new_tokens: int  # the generation length used (evaluate.max_new_tokens or the tokenizer's max_seq_length)
     test_studies: int
     distinct_reports: int
     threads: int

@@ -99,6 +99,17 @@ def test_generate_greedy_matches_the_library_on_the_same_views(capsys, model, st
     assert json.loads(out)["report"] == model["tokenizer"].batch_decode(ids)[0]
 
 
+def test_generate_defaults_to_the_tokenizers_length_and_blocks_trigrams_on_request(capsys, model, studies):
+    code, out, err = r2gen(capsys, "generate", "--checkpoint", model["path"], "--study", studies[1],
+                           "--num-beams", 1, "--block-trigrams", "--format", "jsonl")
+    assert code == 0, err
+    ckpt = load_model_file(model["path"])
+    images = torch.from_numpy(np.stack([load_view(studies[1] / f"{v}.png", 32) for v in range(2)]))[None]
+    ids = build_model(ckpt).generate(images, num_beams=1, max_new_tokens=model["tokenizer"].max_seq_length,
+                                     block_trigrams=True)
+    assert json.loads(out)["report"] == model["tokenizer"].batch_decode(ids)[0]
+
+
 def test_generate_reports_do_not_depend_on_the_batch_size(capsys, model, studies):
     argv = ["generate", "--checkpoint", model["path"], *[a for s in studies for a in ("--study", s)],
             "--num-beams", 2, "--max-new-tokens", 12]
@@ -140,6 +151,9 @@ GENERATE_MISTAKES = {
     "too_many_new_tokens": lambda tmp, model, studies: (
         ["--checkpoint", model["path"], "--study", studies[0], "--max-new-tokens", 100_000],
         ["--max-new-tokens 100000 is over this model's limit"]),
+    "block_trigrams_with_beam_search": lambda tmp, model, studies: (
+        ["--checkpoint", model["path"], "--study", studies[0], "--num-beams", 3, "--block-trigrams"],
+        ["--block-trigrams applies to greedy decoding only (--num-beams 1)"]),
 }
 
 

@@ -455,7 +455,9 @@ def test_dataset_written_by_another_tool_prepares_unchanged(tmp_path):
     torchvision = pytest.importorskip("torchvision")
     root = tmp_path / "iu_xray"
     rng = np.random.default_rng(7)
-    shapes = [(40, 26), (30, 35), (33, 50), (64, 48), (30, 30), (50, 21)]  # (30, 35): odd crop offset
+    # (width, height): landscape and portrait, within and beyond the 1.5:1 train bound ((25, 50) and
+    # (64, 30): cut to it, (25, 50) at an offset of 4.5 rounded to even)
+    shapes = [(40, 26), (30, 35), (25, 50), (64, 30), (30, 30), (50, 21)]
     ann = {split: [] for split in SPLITS}
     for n, split in enumerate(["train", "train", "train", "val", "test", "test"]):
         sid = f"CXR{1000 + n}_IM-{n * 7:04d}-1001"
@@ -469,19 +471,31 @@ def test_dataset_written_by_another_tool_prepares_unchanged(tmp_path):
     (root / "annotation.json").write_text(json.dumps(ann, indent=4))
 
     out = tmp_path / "prepared"
-    prepare_dataset(cfg(root), out)
+    summary = prepare_dataset(cfg(root), out)
     transforms = torchvision.transforms
-    expected_train = transforms.Compose([transforms.Resize(18), transforms.CenterCrop(18)])
+    bound = int(18 * 1.5)  # data.train_max_aspect 1.5 at short side 18
+    clipped = 0
     for split in SPLITS:
         prepared = load_prepared(out, split)
         for row, study in enumerate(ann[split]):
             for view in range(2):
                 source = Image.open(root / "images" / study["image_path"][view]).convert("L")
-                if split == "train":  # R2Gen's Resize(256) at our scale, then the central square
-                    expected = np.asarray(expected_train(source))
+                if split == "train":  # R2Gen's Resize(256) at our scale, its long side cut to the aspect bound
+                    resized = transforms.Resize(18)(source)
+                    h, w = resized.height, resized.width
+                    clipped += max(h, w) > bound
+                    expected = np.asarray(transforms.CenterCrop((min(h, bound), min(w, bound)))(resized))
+                    stored = np.asarray(prepared.images[row, view])
+                    h, w = expected.shape
+                    assert tuple(prepared.sizes[row, view]) == (h, w)
+                    view_pixels = stored[:w, :h].T if w > h else stored[:h, :w]  # landscape: stored transposed
+                    np.testing.assert_array_equal(view_pixels, expected)
+                    assert stored.sum() == view_pixels.sum()  # 0 beyond the view
                 else:  # R2Gen's Resize((224, 224)) squash
                     expected = np.asarray(source.resize((16, 16), Image.Resampling.BILINEAR))
-                np.testing.assert_array_equal(prepared.images[row, view], expected)
+                    np.testing.assert_array_equal(prepared.images[row, view], expected)
+                    assert tuple(prepared.sizes[row, view]) == (16, 16)
+    assert summary["train_views_clipped"] == clipped == 3 and summary["shapes"]["train"] == [bound, 18]
 
 
 def test_prepare_in_drop_mode_keeps_rows_of_the_good_studies_in_order(tmp_path):

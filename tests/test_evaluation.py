@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from helpers import tiny_params
+from r2gen.errors import ConfigError, R2GenError
 from r2gen.evaluation import evaluate_model, image_blind_baseline
 from r2gen.records import BaselineSummary, EvalSummary
 from r2gen.tokenizer import Tokenizer
@@ -41,3 +44,20 @@ def test_the_baseline_is_a_baseline_record(tiny_data):
     assert isinstance(summary, BaselineSummary)
     assert list(summary.to_json()) == list(BaselineSummary.keys())
     assert BaselineSummary.from_json(summary.to_json()) == summary
+
+
+def test_evaluation_generates_up_to_the_tokenizers_max_seq_length_by_default(model_path, tiny_data):
+    """``evaluate.max_new_tokens: null`` is the model's tokenizer's max_seq_length (60 here), recorded as used."""
+    cfg = dataclasses.replace(tiny_params().evaluate, max_new_tokens=None, num_beams=1, block_trigrams=True)
+    summary, predictions = evaluate_model(model_path, tiny_data["prepared"], cfg, "cpu", threads=1)
+    assert summary.max_new_tokens == Tokenizer.load(tiny_data["tokenizer"]).max_seq_length == 60
+    assert summary.num_beams == 1 and all(len(p["generated"].split()) <= 60 for p in predictions)
+
+
+def test_a_generation_length_over_the_positional_table_is_a_one_line_error(model_path, tiny_data):
+    with pytest.raises(ConfigError, match="evaluate.max_new_tokens must be from 1 to 1024"):
+        dataclasses.replace(tiny_params().evaluate, max_new_tokens=2000)
+    cfg = tiny_params().evaluate
+    object.__setattr__(cfg, "max_new_tokens", 2000)  # past the params check: the library still refuses it
+    with pytest.raises(R2GenError, match="evaluate.max_new_tokens 2000 is over this model's limit of 1024 tokens"):
+        evaluate_model(model_path, tiny_data["prepared"], cfg, "cpu", threads=1)

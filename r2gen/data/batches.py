@@ -16,6 +16,11 @@ class StudyBatches:
 
     Training batches are shuffled by ``generator``, and each view is randomly cropped (and
     optionally flipped) as R2Gen's torchvision transforms do; evaluation batches are in order.
+    A crop's offset (y, x) is uniform over every position of the view as resized (torchvision's
+    ``RandomCrop`` on ``Resize(S)``'s output: 0..H-size, 0..W-size). When every view of the split
+    is the same square (the bundled sample), the offsets are one ``torch.randint`` call over the
+    batch, as before non-square views were kept, so such runs are unchanged; otherwise each is
+    ``floor(u * range)`` with ``u`` uniform fp64 (one draw per offset, bias below 2**-40).
 
     With ``world`` ranks, ``batch_size`` is per rank: every rank draws the same permutation and the
     same augmentation for the global batch of ``world * batch_size`` studies and keeps its slice,
@@ -31,6 +36,8 @@ class StudyBatches:
         self.train, self.hflip, self.generator = train, hflip, generator
         self.rank, self.world = rank, world
         self.labels = [torch.tensor(tokenizer.encode(r), dtype=torch.long) for r in split.reports]
+        sizes = split.sizes  # (N, V, 2) (height, width) of each view as resized
+        self.square = int(sizes.flat[0]) if sizes.size and (sizes == sizes.flat[0]).all() else None
 
     def __len__(self) -> int:
         n, step = len(self.labels), self.batch_size * self.world
@@ -51,19 +58,24 @@ class StudyBatches:
             idx = order[start : start + step]  # the global batch
             if len(idx) < self.world:
                 break
-            augment = self._draw_augmentation(len(idx))
+            augment = self._draw_augmentation(idx)
             # Equal slices of a full batch; slices of a short last batch differ in size by one at most.
             sizes = [len(part) for part in torch.tensor_split(idx, self.world)]
             lo = sum(sizes[: self.rank])
             hi = lo + sizes[self.rank]
             yield self._batch(idx[lo:hi], {k: v[lo:hi] for k, v in augment.items()})
 
-    def _draw_augmentation(self, B: int) -> dict[str, torch.Tensor]:
-        """Random crop offsets (B, V, 2) and flips (B, V) of a global batch, drawn in R2Gen's order."""
-        V, S = self.split.images.shape[1], self.split.images.shape[-1]
+    def _draw_augmentation(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Random crop offsets (B, V, 2) and flips (B, V) of the global batch ``idx``, drawn in R2Gen's order."""
+        B, V = len(idx), self.split.images.shape[1]
         out = {}
-        if S > self.image_size:  # RandomCrop, drawn per view like R2Gen's per-image transform
-            out["offsets"] = torch.randint(0, S - self.image_size + 1, (B, V, 2), generator=self.generator)
+        if self.square is not None:
+            if self.square > self.image_size:  # RandomCrop, drawn per view like R2Gen's per-image transform
+                out["offsets"] = torch.randint(0, self.square - self.image_size + 1, (B, V, 2), generator=self.generator)
+        else:
+            ranges = torch.from_numpy(self.split.sizes[idx.numpy()]).long() - self.image_size + 1  # (B, V, 2)
+            u = torch.rand(B, V, 2, generator=self.generator, dtype=torch.float64)
+            out["offsets"] = torch.minimum((u * ranges).long(), ranges - 1)
         if self.hflip:
             out["flip"] = torch.rand(B, V, generator=self.generator) < 0.5
         return out
@@ -71,18 +83,28 @@ class StudyBatches:
     def _batch(self, idx: torch.Tensor, augment: dict[str, torch.Tensor] | None):
         images = torch.from_numpy(np.ascontiguousarray(self.split.images[idx.numpy()]))
         if augment is not None:
-            images = self._augment(images, augment)
+            images = self._augment(images, augment, self.split.sizes[idx.numpy()])
         labels = torch.nn.utils.rnn.pad_sequence([self.labels[i] for i in idx.tolist()], batch_first=True)
         return images, labels
 
-    def _augment(self, images: torch.Tensor, augment: dict[str, torch.Tensor]) -> torch.Tensor:
-        size = self.image_size
+    def _augment(self, images: torch.Tensor, augment: dict[str, torch.Tensor], sizes: np.ndarray) -> torch.Tensor:
+        """Crop (and flip) stored views (B, V, L, S); ``sizes`` (B, V, 2) tells which are stored transposed."""
         if "offsets" in augment:
             images = torch.stack([
-                torch.stack([images[b, v, y : y + size, x : x + size] for v, (y, x) in enumerate(offsets.tolist())])
+                torch.stack([crop_view(images[b, v], tuple(sizes[b, v]), y, x, self.image_size)
+                             for v, (y, x) in enumerate(offsets.tolist())])
                 for b, offsets in enumerate(augment["offsets"])
             ])
         if "flip" in augment:
             images = torch.where(augment["flip"][:, :, None, None], images.flip(-1), images)
         return images
 
+
+
+def crop_view(stored: torch.Tensor, size_hw: tuple[int, int], y: int, x: int, size: int) -> torch.Tensor:
+    """The ``size`` x ``size`` crop at (y, x) of a view resized to ``size_hw`` = (H, W) and stored long
+    side first (r2gen.data.images: a landscape view, W > H, is stored transposed)."""
+    height, width = size_hw
+    if width > height:
+        return stored[x : x + size, y : y + size].T
+    return stored[y : y + size, x : x + size]

@@ -2,15 +2,23 @@
 
 ``prepare_dataset`` writes ``<out_dir>/``:
 
-- ``<split>.npy``: uint8 ``(N, V, S, S)`` grayscale, V views per study. Train images keep R2Gen's
-  scale and aspect ratio: short side to ``cfg.stored_size`` (R2Gen: ``Resize(256)``), then the
-  central ``S x S`` square, from which training takes its random ``cfg.image_size`` crop. Val/test
-  images are squashed to ``cfg.image_size`` square like R2Gen's ``Resize((224, 224))``. With
-  ``train_crop: false`` train images are squashed too. PIL bilinear resizing of the 'L' image;
-  for grayscale X-rays that equals R2Gen's resize of the RGB copy, channel by channel.
+- ``<split>.npy``: uint8 ``(N, V, H, W)`` grayscale, V views per study. Train images keep R2Gen's
+  scale and aspect ratio, as torchvision's ``Resize(S)`` gives them (R2Gen: ``Resize(256)``): short
+  side ``S = cfg.stored_size``, long side ``int(S * long / short)``, truncated like torchvision's.
+  The long side is bounded by ``cfg.stored_long`` (``S x data.train_max_aspect``); a longer view is
+  centre-cropped to the bound along its long side (torchvision's CenterCrop offset). Each view is
+  stored long side first, a landscape view transposed, so one ``(L, S)`` shape holds both
+  orientations; L is the longest side stored (S when every view is square). Training takes its
+  random ``cfg.image_size`` crop anywhere in the resized view (r2gen.data.batches). Val/test images
+  are squashed to ``cfg.image_size`` square like R2Gen's ``Resize((224, 224))``; with
+  ``train_crop: false`` train images are squashed too. PIL bilinear resizing of the 'L' image; for
+  grayscale X-rays that equals R2Gen's resize of the RGB copy, channel by channel.
+- ``<split>.sizes.npy``: int32 ``(N, V, 2)``, each view's (height, width) as resized, before the
+  transposition; the pixels beyond it are padding (0).
 - ``<split>.jsonl``: one ``{"id", "report", "image_path"}`` line per row, the report as written in
   annotation.json (the tokenizer cleans it).
-- ``summary.json``: counts, dropped studies with the reason, sizes, bytes, seconds.
+- ``summary.json``: counts, dropped studies with the reason, sizes, shapes, views cut to the aspect
+  bound, bytes, seconds.
 
 Arrays are streamed into ``np.lib.format.open_memmap`` files (MIMIC-CXR at 256 px is ~25 GB), and the
 folder appears only when complete (``r2gen.io.atomic_dir``).
@@ -128,19 +136,33 @@ def _prepare(cfg: DataConfig, out_dir: str | os.PathLike, fixes: tuple[str, ...]
     annotation = read_annotation(cfg.root, cfg.dataset)  # raises before any output for file-level problems
     sizes = {split: cfg.stored_size if split == "train" else cfg.image_size for split in SPLITS}
     crop = {split: split == "train" and cfg.train_crop for split in SPLITS}
+    # (long, short) bound of each split's stored views: (L, S) for the crop's train cache, else square.
+    bound = {split: (cfg.stored_long if crop[split] else sizes[split], sizes[split]) for split in SPLITS}
     with atomic_dir(out_dir) as tmp:
-        full = {
-            split: _allocate(tmp / f"{split}.npy", (len(annotation[split]), cfg.views, sizes[split], sizes[split]))
-            for split in SPLITS
-        }  # (N entries, V, S, S) each
+        full = {split: _allocate(tmp / f"{split}.npy", (len(annotation[split]), cfg.views, *bound[split]))
+                for split in SPLITS}  # (N entries, V, L, S) each
+        view_sizes = {split: np.zeros((len(annotation[split]), cfg.views, 2), dtype=np.int32) for split in SPLITS}
+        clipped = np.zeros((len(annotation["train"]), cfg.views), dtype=bool)  # cut to the aspect bound
 
-        def store(study: Study, view: int, image: Image.Image) -> None:
-            full[study.split][study.index, view] = resize(image, sizes[study.split], crop[study.split])
+        def store(study: Study, view: int, image: Image.Image) -> None:  # from worker threads: one element each
+            split = study.split
+            pixels = resize(image, sizes[split], crop[split], max_long=bound[split][0])
+            if crop[split]:
+                clipped[study.index, view] = max(resized_size(*image.size, sizes[split])) > bound[split][0]
+            view_sizes[split][study.index, view] = pixels.shape
+            stored = pixels.T if pixels.shape[1] > pixels.shape[0] else pixels  # long side first
+            full[split][study.index, view, : stored.shape[0], : stored.shape[1]] = stored
 
         result = validate_dataset(cfg, fixes, on_image=store, studies=annotation)
 
+        shapes = {}
         for split in SPLITS:
-            _compact(tmp / f"{split}.npy", full.pop(split), [study.index for study in result.studies[split]])
+            rows = [study.index for study in result.studies[split]]
+            kept = view_sizes[split][rows]  # (n, V, 2)
+            long = int(kept.max()) if crop[split] and len(rows) else bound[split][0]
+            shapes[split] = [long, bound[split][1]]
+            _compact(tmp / f"{split}.npy", full.pop(split), rows, long)
+            np.save(tmp / f"{split}.sizes.npy", kept)
             with open(tmp / f"{split}.jsonl", "w", encoding="utf-8") as fh:
                 for study in result.studies[split]:
                     paths = [p.relative_to(Path(cfg.root) / IMAGES).as_posix() for p in study.image_paths]
@@ -152,10 +174,13 @@ def _prepare(cfg: DataConfig, out_dir: str | os.PathLike, fixes: tuple[str, ...]
             "views": cfg.views,
             "image_size": cfg.image_size,
             "sizes": sizes,
+            "shapes": shapes,
             "train_resize": (
-                f"short side to {sizes['train']}, central {sizes['train']}x{sizes['train']} square"
+                f"short side to {sizes['train']}, aspect ratio kept up to {cfg.train_max_aspect}:1 (long side at "
+                f"most {cfg.stored_long}, longer views centre-cropped to it), stored long side first"
                 if cfg.train_crop else f"squashed to {sizes['train']}x{sizes['train']}"
             ),
+            "train_views_clipped": int(clipped[[study.index for study in result.studies["train"]]].sum()),
             "eval_resize": f"squashed to {cfg.image_size}x{cfg.image_size}",
             "fixes": list(fixes),
             "counts": result.counts,
@@ -168,24 +193,32 @@ def _prepare(cfg: DataConfig, out_dir: str | os.PathLike, fixes: tuple[str, ...]
     return summary
 
 
-def resize(image: Image.Image, size: int, crop: bool) -> np.ndarray:
-    """A (size, size) uint8 grayscale array: squashed, or short side to ``size`` and centre-cropped."""
+def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) of torchvision's ``Resize(size)`` output: short side ``size``, the long side
+    ``int(size * long / short)``, truncated as in torchvision's ``_compute_resized_output_size``."""
+    if width <= height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
+
+
+def resize(image: Image.Image, size: int, crop: bool, max_long: int | None = None) -> np.ndarray:
+    """A uint8 grayscale array of ``image`` resized as R2Gen's transforms do.
+
+    ``crop=False``: squashed to (size, size) (``Resize((224, 224))``). ``crop=True``: torchvision's
+    ``Resize(size)`` (H, W), min(H, W) == ``size``, its long side centre-cropped to ``max_long``
+    (default ``size``: the central square) with torchvision's CenterCrop offset (round half to
+    even), so the part kept is centred as R2Gen's crops are.
+    """
     gray = image.convert("L")
-    if crop:
-        width, height = gray.size
-        # torchvision's Resize(int) rule: the long side is truncated, not rounded.
-        if width <= height:
-            new = (size, int(size * height / width))
-        else:
-            new = (int(size * width / height), size)
-        gray = gray.resize(new, Image.Resampling.BILINEAR)
-        # torchvision's CenterCrop offsets (round half to even), so the square is the one R2Gen's
-        # RandomCrop would be centred on.
-        left, top = int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))
-        gray = gray.crop((left, top, left + size, top + size))
-    else:
-        gray = gray.resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(gray)  # (size, size)
+    if not crop:
+        return np.asarray(gray.resize((size, size), Image.Resampling.BILINEAR))  # (size, size)
+    new = resized_size(*gray.size, size)
+    pixels = np.asarray(gray.resize(new, Image.Resampling.BILINEAR))  # (H, W)
+    long, max_long = max(new), size if max_long is None else max_long
+    if long <= max_long:
+        return pixels
+    start = int(round((long - max_long) / 2.0))
+    return pixels[start : start + max_long] if new[1] >= new[0] else pixels[:, start : start + max_long]
 
 
 def load_view(path: str | os.PathLike, size: int) -> np.ndarray:
@@ -225,16 +258,18 @@ def _allocate(path: Path, shape: tuple[int, ...]) -> np.memmap:
     return array
 
 
-def _compact(path: Path, full: np.memmap, rows: list[int]) -> None:
-    """Flush ``full``; if some rows were dropped, rewrite ``path`` with only ``rows``, in order."""
+def _compact(path: Path, full: np.memmap, rows: list[int], long: int) -> None:
+    """Flush ``full``; if rows were dropped or the long side can shrink to ``long``, rewrite ``path``
+    with only ``rows`` (in order) and the first ``long`` pixels of the long side."""
     full.flush()
-    if len(rows) == len(full):
+    if len(rows) == len(full) and long == full.shape[2]:
         del full
         return
     squeezed = path.with_name(f"{path.stem}.compact.npy")
-    out = np.lib.format.open_memmap(squeezed, mode="w+", dtype=np.uint8, shape=(len(rows), *full.shape[1:]))
+    shape = (len(rows), full.shape[1], long, *full.shape[3:])
+    out = np.lib.format.open_memmap(squeezed, mode="w+", dtype=np.uint8, shape=shape)
     for start in range(0, len(rows), _COPY_ROWS):
-        out[start : start + _COPY_ROWS] = full[rows[start : start + _COPY_ROWS]]
+        out[start : start + _COPY_ROWS] = full[rows[start : start + _COPY_ROWS], :, :long]
     out.flush()
     del out, full
     os.replace(squeezed, path)
@@ -242,11 +277,17 @@ def _compact(path: Path, full: np.memmap, rows: list[int]) -> None:
 
 @dataclass
 class PreparedSplit:
-    """One split of the prepared cache; ``images`` is a read-only memmap (N, V, S, S) uint8."""
+    """One split of the prepared cache.
+
+    ``images`` is a read-only memmap (N, V, L, S) uint8, each view long side first (a landscape view
+    transposed) and 0-padded beyond its size; ``sizes`` (N, V, 2) int32 holds each view's (height,
+    width) as resized. Val/test (and train without ``train_crop``) are (N, V, S, S) with every size (S, S).
+    """
 
     ids: list[str]
     reports: list[str]
     images: np.ndarray
+    sizes: np.ndarray
 
 
 def load_prepared(prepared_dir: str | os.PathLike, split: str) -> PreparedSplit:
@@ -265,7 +306,7 @@ def load_prepared(prepared_dir: str | os.PathLike, split: str) -> PreparedSplit:
         raise DataError(f"prepared data {root} is {what}; {_RERUN}")
     try:
         summary = json.loads(summary_path.read_text(encoding="utf-8"))
-        expected = (summary["counts"][split], summary["views"], summary["sizes"][split], summary["sizes"][split])
+        expected = (summary["counts"][split], summary["views"], *(int(n) for n in summary["shapes"][split]))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
         raise DataError(f"{summary_path} is corrupt ({exc!r}); {_RERUN}") from None
 
@@ -281,6 +322,8 @@ def load_prepared(prepared_dir: str | os.PathLike, split: str) -> PreparedSplit:
             f"{npy} holds {images.dtype} {images.shape}, {SUMMARY} says uint8 {expected}; {_RERUN}"
         )
 
+    sizes = _load_sizes(root / f"{split}.sizes.npy", images.shape, int(summary["sizes"][split]))
+
     jsonl = root / f"{split}.jsonl"
     ids, reports = [], []
     try:
@@ -295,7 +338,23 @@ def load_prepared(prepared_dir: str | os.PathLike, split: str) -> PreparedSplit:
         raise DataError(f"{jsonl} is corrupt ({exc!r}); {_RERUN}") from None
     if len(ids) != len(images):
         raise DataError(f"{jsonl} has {len(ids)} rows but {npy} has {len(images)}; {_RERUN}")
-    return PreparedSplit(ids, reports, images)
+    return PreparedSplit(ids, reports, images, sizes)
+
+
+def _load_sizes(path: Path, shape: tuple[int, ...], short: int) -> np.ndarray:
+    """The (N, V, 2) view sizes of an (N, V, L, S) array, checked to fit it with short side ``short``."""
+    try:
+        sizes = np.load(path)
+    except FileNotFoundError:
+        raise DataError(f"prepared data {path.parent} is incomplete: {path} is missing; {_RERUN}") from None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path} is corrupt ({exc}); {_RERUN}") from None
+    if sizes.dtype != np.int32 or sizes.shape != (*shape[:2], 2):
+        raise DataError(f"{path} holds {sizes.dtype} {sizes.shape}, expected int32 {(*shape[:2], 2)}; {_RERUN}")
+    if len(sizes) and ((sizes.min(axis=-1) != short).any() or sizes.max() > shape[2]):
+        raise DataError(f"{path} holds view sizes that do not fit the {shape[2]}x{shape[3]} images "
+                        f"(short side {short}); {_RERUN}")
+    return sizes
 
 
 def check_prepared(prepared_dir: str | os.PathLike, cfg: DataConfig) -> None:

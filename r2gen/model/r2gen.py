@@ -270,17 +270,21 @@ class R2Gen(nn.Module):
         return self.head(x)[:, 0]
 
     @torch.no_grad()
-    def generate(self, images: torch.Tensor, num_beams: int = 3, max_new_tokens: int = 60) -> torch.Tensor:
+    def generate(self, images: torch.Tensor, num_beams: int = 3, max_new_tokens: int = 60,
+                 block_trigrams: bool = False) -> torch.Tensor:
         """Reports for a batch of studies: uint8 (B, V, H, W) -> token ids (B, L), 0-padded, EOS kept.
 
-        ``num_beams=1`` is greedy decoding. R2Gen's semantics: no length penalty, finished beams
-        kept with a -1000 penalty on their running score, best by summed log-probability.
+        At most ``max_new_tokens`` tokens, the EOS included (the public code's ``max_seq_length``).
+        ``num_beams=1`` is deterministic greedy decoding; ``block_trigrams`` (greedy only) adds the
+        public greedy's trigram penalty (r2gen.decoding.trigram_penalty). R2Gen's beam semantics: no
+        length penalty, finished beams kept with a -1000 penalty on their running score, best by
+        summed log-probability.
         """
         was_training = self.training
         self.eval()
         try:
             stepper = IncrementalStepper(self, self.encode(images), max_new_tokens)
-            return beam_search(stepper, images.shape[0], num_beams, max_new_tokens)
+            return beam_search(stepper, images.shape[0], num_beams, max_new_tokens, block_trigrams=block_trigrams)
         finally:
             self.train(was_training)
 
