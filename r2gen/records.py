@@ -131,9 +131,10 @@ class TrainSummary(Record):
     val_loss: float | None
     samples_per_s: float | None  # warm-up steps excluded
     train_seconds: float
-    other_cpu_share: float | None = optional(
-        "other processes' share of the host's CPUs while the epochs ran (r2gen/training/load.py); the gate "
-        "compares speed only between runs under r2gen.gate.BUSY_HOST; absent without /proc/stat and under DDP")
+    # Other processes' share of the host's CPUs while the epochs ran (r2gen/training/load.py); the gate
+    # compares speed only between runs under r2gen.gate.BUSY_HOST. None without /proc/stat and under DDP
+    # (the other ranks would count as load).
+    other_cpu_share: float | None
     peak_memory_bytes: int
     peak_memory_fraction: float
     peak_memory_kind: str

@@ -37,13 +37,18 @@ from r2gen.training.step import global_batch_loss
 # dropout masks). What remains is float summation order (all-reduced sums, BatchNorm statistics from
 # sums of squares): the first steps agree to 1e-6, but Adam divides each gradient by its own running
 # magnitude, so rounding in near-zero gradients turns into full-size updates and the difference
-# grows about 3x per step: observed 4e-4 at step 9. Without the token weighting it is 3e-2.
-DDP_TOLERANCE = 2e-3
+# grows about 3-10x per step from step 6 on. Observed at step 8 (the last): 4e-4 on an AVX2 CPU, 2.4e-3 on
+# an AVX-512 one (other kernels, other summation order). Without the token weighting (the bug this test
+# is for) the differences are 4e-4 already at step 1 and 1e-2 at step 3 (3e-2 at the end): the first six
+# steps, below 2e-5 when it is right, are where it shows.
+DDP_TOLERANCE = 1e-2
 EARLY_TOLERANCE = 1e-5  # steps 0 and 1: the forward pass and the first update
+WEIGHT_TOLERANCE = 2e-2  # final weights, absolute and relative (within 1e-3 on AVX2; 1.2e-2 seen on AVX-512)
+FIRST_STEPS_TOLERANCE = 1e-4  # steps 0-5, before the chaotic growth (observed 2e-5 at most; the bug: 1e-2)
 GRADIENT_TOLERANCE = 1e-4  # one step's gradients, relative to each tensor's largest entry (observed 2e-5)
 EPOCHS = 3  # 11 train studies: 3 global batches of 4, 4, 3 (the last split 2 + 1) per epoch
 TIMING_KEYS = {"samples_per_s", "train_seconds", "peak_memory_bytes", "peak_memory_fraction", "peak_memory_kind",
-               "baseline_rss_bytes", "world_size", "ddp_backend", "batch_size"}
+               "baseline_rss_bytes", "world_size", "ddp_backend", "batch_size", "other_cpu_share"}
 
 
 def no_dropout_params(root: Path, batch_size: int):
@@ -220,7 +225,8 @@ def test_two_ranks_with_batch_b_train_like_one_process_with_batch_2b(one_process
     assert [s for s, _ in two] == [s for s, _ in one] == list(range(3 * EPOCHS))
     diffs = [abs(a - b) for (_, a), (_, b) in zip(one, two)]
     print(f"DDP 2x2 vs 1x4: loss differences {' '.join(f'{d:.0e}' for d in diffs)}; DDP run {seconds:.1f} s")
-    assert max(diffs[:2]) < EARLY_TOLERANCE and max(diffs) < DDP_TOLERANCE
+    assert max(diffs[:2]) < EARLY_TOLERANCE and max(diffs[:6]) < FIRST_STEPS_TOLERANCE
+    assert max(diffs) < DDP_TOLERANCE
 
     m1 = json.loads((one_process / "metrics" / "fp32.json").read_text())
     m2 = json.loads((ddp_dir / "metrics" / "fp32.json").read_text())
@@ -236,8 +242,9 @@ def test_two_ranks_with_batch_b_train_like_one_process_with_batch_2b(one_process
     w1 = load_model_file(one_process / "models" / "fp32" / "model.pt")["state_dict"]
     w2 = load_model_file(ddp_dir / "models" / "fp32" / "model.pt")["state_dict"]
     assert w1.keys() == w2.keys()  # synced BatchNorm saves as plain BatchNorm2d
-    for key in w1:
-        torch.testing.assert_close(w2[key], w1[key], atol=1e-3, rtol=1e-3, msg=key)
+    for key in w1:  # after the drift above: on an AVX-512 CPU BatchNorm running variances differ by up to 1.2%
+        torch.testing.assert_close(w2[key], w1[key], atol=WEIGHT_TOLERANCE, rtol=WEIGHT_TOLERANCE,
+                                   msg=lambda m, key=key: f"{key}: {m}")
     assert not (ddp_dir / "checkpoints" / "fp32" / "last.pt").exists()
 
 
