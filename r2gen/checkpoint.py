@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import stat
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import r2gen
 from r2gen.config import DATASETS, ModelConfig, from_dict, to_dict
 from r2gen.data.datasets import MAX_IMAGE_SIDE
 from r2gen.errors import CheckpointError
-from r2gen.io import atomic_open
+from r2gen.io import atomic_open, regular_file
 from r2gen.tokenizer import Tokenizer
 
 FORMAT = "r2gen-precision/model/1"
@@ -36,16 +35,9 @@ def save_torch(obj: Any, path: str | os.PathLike) -> None:
 def load_torch(path: str | os.PathLike, what: str = "checkpoint") -> dict:
     """torch.load with weights_only=True; any failure is a one-line CheckpointError."""
     path = Path(path)
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise CheckpointError(f"{what} not found: {path}; train it first (dvc repro) or check the path") from None
-    except OSError as exc:
-        raise CheckpointError(f"cannot read {what} {path}: {exc.strerror}; check the path and its permissions") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise CheckpointError(f"{what} {path} is a folder, not a file; pass the .pt file inside it (e.g. {path}/model.pt)")
-    if not stat.S_ISREG(st.st_mode):
-        raise CheckpointError(f"{what} {path} is not a regular file (a FIFO, socket or device); pass the .pt file")
+    regular_file(path, what, CheckpointError, missing="train it first (dvc repro) or check the path",
+                 unreadable="check the path and its permissions",
+                 folder=f"not a file; pass the .pt file inside it (e.g. {path}/model.pt)", other="pass the .pt file")
     if not os.access(path, os.R_OK):
         raise CheckpointError(f"cannot read {what} {path}: permission denied; fix its permissions (chmod u+r) "
                               "or run as its owner")

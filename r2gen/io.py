@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator
@@ -100,6 +101,28 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+# ---------------------------------------------------------------------------------------- input files
+def regular_file(path: Path, what: str, error: type[R2GenError], *, missing: str, unreadable: str, folder: str,
+                 other: str) -> os.stat_result:
+    """``os.stat(path)``, refusing with a one-line ``error`` what cannot be read as a file.
+
+    A missing path (next step ``missing``), a stat failure (``unreadable``), a folder (``is a folder, `` +
+    ``folder``) and a FIFO, socket or device (never opened: reading one could block or never end;
+    next step ``other``).
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise error(f"{what} not found: {path}; {missing}") from None
+    except OSError as exc:
+        raise error(f"cannot read {what} {path}: {exc.strerror}; {unreadable}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise error(f"{what} {path} is a folder, {folder}")
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{what} {path} is not a regular file (a FIFO, socket or device); {other}")
+    return st
+
+
 # ---------------------------------------------------------------------------------------- YAML input
 MAX_YAML_BYTES = 1 << 20  # params.yaml and metrics_gate.yaml are a few KB; anything near 1 MB is not ours
 _SHOWN = 80  # characters of a value quoted in an error line
@@ -128,21 +151,11 @@ def read_yaml(path: str | os.PathLike, *, what: str = "params file", fix: str = 
     Booleans are only ``true``/``false`` (``yes``/``on`` stay strings, as in YAML 1.2 and DVC's parser),
     and ``1e-4`` is a number, as in YAML 1.2.
     """
-    import stat
-
     import yaml
 
     path = Path(path)
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise error(f"{what} not found: {path}; {fix}") from None
-    except OSError as exc:
-        raise error(f"cannot read {what} {path}: {exc.strerror}; {fix}") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise error(f"{what} {path} is a folder, not a YAML file; pass the file")
-    if not stat.S_ISREG(st.st_mode):
-        raise error(f"{what} {path} is not a regular file (a FIFO, socket or device); pass a YAML file")
+    st = regular_file(path, what, error, missing=fix, unreadable=fix, folder="not a YAML file; pass the file",
+                      other="pass a YAML file")
     if st.st_size > MAX_YAML_BYTES:
         raise error(f"{what} {path} is {st.st_size:,} bytes, more than the {MAX_YAML_BYTES:,} a YAML config "
                     "may have; is it the right file?")

@@ -432,15 +432,21 @@ def test_check_metrics_prints_dvcs_error_as_a_line_not_a_python_list(capsys, mon
     assert "['" not in err
 
 
+def hostile_file(path: Path, kind: str, contents: dict[str, bytes]) -> Path:
+    """``path`` made a folder or a FIFO, or written with ``contents[kind]``."""
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.write_bytes(contents[kind])
+    return path
+
+
 @pytest.mark.parametrize("kind", ["folder", "UTF-16", "alias", "empty", "fifo"])
 def test_exp_report_params_that_are_not_a_params_file(capsys, tmp_path, kind):
-    params = tmp_path / "params.yaml"
-    if kind == "folder":
-        params.mkdir()
-    elif kind == "fifo":
-        os.mkfifo(params)
-    else:
-        params.write_bytes({"UTF-16": "seed: 1\n".encode("utf-16"), "alias": b"a: &x 1\nb: *x\n", "empty": b""}[kind])
+    params = hostile_file(tmp_path / "params.yaml", kind, {"UTF-16": "seed: 1\n".encode("utf-16"),
+                                                           "alias": b"a: &x 1\nb: *x\n", "empty": b""})
     (tmp_path / "exps.json").write_text("[]")
     assert_cli_error(*cli(capsys, "exp-report", "--params", params, "--input", tmp_path / "exps.json",
                           "--out", tmp_path / "out"), str(params))
@@ -448,13 +454,7 @@ def test_exp_report_params_that_are_not_a_params_file(capsys, tmp_path, kind):
 
 @pytest.mark.parametrize("kind", ["folder", "fifo", "deep"])
 def test_exp_report_input_that_is_not_a_json_file(capsys, tmp_path, kind):
-    src = tmp_path / "exps.json"
-    if kind == "folder":
-        src.mkdir()
-    elif kind == "fifo":
-        os.mkfifo(src)
-    else:
-        src.write_text("[" * 100_000 + "]" * 100_000)
+    src = hostile_file(tmp_path / "exps.json", kind, {"deep": ("[" * 100_000 + "]" * 100_000).encode()})
     assert_cli_error(*cli(capsys, "exp-report", "--params", REPO / "params.yaml", "--input", src,
                           "--out", tmp_path / "out"), str(src))
 
