@@ -178,10 +178,7 @@ def _load_data(spec: TrainSpec, paths: TrainPaths) -> tuple[Tokenizer, PreparedS
     tokenizer = Tokenizer.load(paths.tokenizer)
     train_split = load_prepared(paths.prepared, "train")
     val_split = load_prepared(paths.prepared, "val")
-    check_prepared(paths.prepared, spec.data)
-    if train_split.images.shape[1] != spec.data.views:
-        raise R2GenError(f"{paths.prepared} holds {train_split.images.shape[1]}-view studies but data.dataset "
-                         f"is {spec.data.dataset}; rerun `dvc repro prepare`")
+    check_prepared(paths.prepared, spec.data)  # dataset (so the view count) and image size agree with params
     return tokenizer, train_split, val_split
 
 
