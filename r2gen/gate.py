@@ -20,7 +20,6 @@ Speed is also skipped when either side was timed on a busy host (``other_cpu_sha
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,9 +96,7 @@ def load_rules(raw: dict[str, Any], source: str = "metrics_gate.yaml") -> tuple[
             raise ConfigError(f"{where}: 'better' must be one of {DIRECTIONS}")
         tol = entry.get("tolerance")
         tol = {"default": tol} if isinstance(tol, (int, float)) else tol
-        if not isinstance(tol, dict) or "default" not in tol or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
-                for v in tol.values()):
+        if not isinstance(tol, dict) or "default" not in tol or not all(known(v) and v >= 0 for v in tol.values()):
             # .inf would make the rule pass whatever happens, .nan would make it fail whatever happens
             raise ConfigError(f"{where}: 'tolerance' must be a finite number >= 0 or a mapping with a 'default' "
                               "(an infinite tolerance gates nothing: delete the rule instead)")
@@ -180,7 +177,7 @@ def not_comparable(diff: dict[str, dict], rule: Rule, precision: str) -> str | N
             if off:
                 return f"{p} is numerics only in {_sides(off)}, not a speed measurement"
             busy = {side: share for side in ("old", "new")
-                    if _is_number(share := train.get(LOAD_KEY, {}).get(side)) and share > BUSY_HOST}
+                    if known(share := train.get(LOAD_KEY, {}).get(side)) and share > BUSY_HOST}
             if busy:
                 shares = " and ".join(f"{share:.0%} of the host's CPUs in {_sides([side])}" for side, share in busy.items())
                 return (f"{p} was timed on a busy host (other processes used {shares}, over the {BUSY_HOST:.0%} "
@@ -190,10 +187,6 @@ def not_comparable(diff: dict[str, dict], rule: Rule, precision: str) -> str | N
 
 def _sides(sides: list[str]) -> str:
     return " and ".join({"old": "the baseline", "new": "the workspace"}[s] for s in sides)
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _machine(values: tuple) -> str:
