@@ -709,3 +709,44 @@ def test_the_token_cap_is_the_decoders_positional_table():
     from r2gen.model.transformer import TokenEmbedding
 
     assert inspect.signature(TokenEmbedding).parameters["max_len"].default == cfg.MAX_REPORT_TOKENS
+
+
+# ------------------------------------------------------------ BatchNorm on a 1x1 map and a 1-study batch
+def _one_study_last_batch(train_studies: int) -> int:
+    """A batch size whose last training batch holds exactly one study."""
+    return next(b for b in range(2, train_studies) if train_studies % b == 1)
+
+
+def test_a_one_study_batch_on_a_1x1_feature_map_is_one_line_before_training(tmp_path, tiny_data):
+    from helpers import paths_in
+    from r2gen.data.images import load_prepared
+    from r2gen.training import train
+
+    studies = len(load_prepared(tiny_data["prepared"], "train").ids)
+    batch = _one_study_last_batch(studies)
+    params = tiny_params(tiny_data["root"], train__fp32__batch_size=batch)
+    paths = paths_in(tmp_path, tiny_data)
+    with pytest.raises(ConfigError) as exc:
+        train(cfg.TrainSpec.of(params, "fp32"), paths)
+    one_line(str(exc.value), "data.image_size 32", "1x1 feature map", f"batch {batch}", "above 32")
+    assert not paths.model_out.exists() and not paths.metrics.exists()
+
+
+def test_the_same_batch_trains_where_the_feature_map_is_larger_than_1x1(tmp_path, tiny_data):
+    from r2gen.data.batches import StudyBatches
+    from r2gen.data.images import load_prepared
+    from r2gen.model.visual import VisualExtractor, feature_map_side
+    from r2gen.tokenizer import Tokenizer
+
+    split = load_prepared(tiny_data["prepared"], "train")
+    batch = _one_study_last_batch(len(split.ids))
+    batches = StudyBatches(split, Tokenizer.load(tiny_data["tokenizer"]), batch, 32, train=True,
+                           generator=torch.Generator().manual_seed(0))
+    assert batches.smallest_batch() == 1 == min(len(labels) for _, labels in batches)
+    # The guard matches torch: a 1-study training batch fails on a 1x1 map (32 px) and runs on 2x2 (33 px).
+    extractor = VisualExtractor("resnet10", width=8).train()
+    assert feature_map_side(32) == 1 and feature_map_side(33) == 2 and feature_map_side(224) == 7
+    patches, _ = extractor(torch.zeros(1, 2, 33, 33, dtype=torch.uint8))
+    assert patches.shape[1] == 2 * 2 * 2  # two views of a 2x2 map
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        extractor(torch.zeros(1, 2, 32, 32, dtype=torch.uint8))

@@ -34,9 +34,10 @@ from r2gen.config import TrainSpec
 from r2gen.data.batches import StudyBatches
 from r2gen.data.images import PreparedSplit, check_prepared, load_prepared
 from r2gen.distributed import World, sync_batch_norms
-from r2gen.errors import R2GenError
+from r2gen.errors import ConfigError, R2GenError
 from r2gen.io import write_json
 from r2gen.model.r2gen import R2Gen
+from r2gen.model.visual import feature_map_side
 from r2gen.records import TrainSummary
 from r2gen.tokenizer import Tokenizer
 from r2gen.training.batchsize import BatchChoice, choose_batch
@@ -153,6 +154,7 @@ def setup(spec: TrainSpec, paths: TrainPaths, world: World, device: torch.device
     train_batches = StudyBatches(train_split, tokenizer, choice.batch, spec.data.image_size, train=True,
                                  hflip=spec.data.hflip, generator=parts.batch_gen, **shard)
     val_batches = StudyBatches(val_split, tokenizer, choice.batch, spec.data.image_size, train=False, **shard)
+    _check_batch_norm_batches(spec, train_batches, world)
     parameters = sum(p.numel() for p in parts.model.parameters())
     log.info("model: %s parameters | vocabulary %d | %d train / %d val studies | %d steps per epoch",
              f"{parameters:,}", tokenizer.vocab_size, len(train_split.ids), len(val_split.ids), len(train_batches))
@@ -347,6 +349,19 @@ def mark_complete(run: Run) -> None:
     write_json(run.paths.checkpoint_dir / "status.json", {"complete": True, "fingerprint": run.fingerprint,
                                                           "epochs": run.state.epoch, "steps": run.state.step})
     run.checkpoint.unlink(missing_ok=True)
+
+
+def _check_batch_norm_batches(spec: TrainSpec, batches: StudyBatches, world: World) -> None:
+    """Refuse a run whose BatchNorm would see one value per channel (a 1x1 map and a 1-study batch)."""
+    side, smallest = feature_map_side(spec.data.image_size), batches.smallest_batch()
+    if side > 1 or smallest != 1:
+        return
+    studies = len(batches.labels)
+    raise ConfigError(
+        f"params.yaml: data.image_size {spec.data.image_size} leaves the ResNet a 1x1 feature map and "
+        f"training a batch of 1 study per rank ({studies} training studies, batch {batches.batch_size} "
+        f"x {world.size} rank(s)), so BatchNorm would see one value per channel: set data.image_size "
+        f"above 32 or a batch size that leaves no 1-study batch")
 
 
 def _check_writable(directories: list[Path]) -> None:
