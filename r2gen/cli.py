@@ -1,4 +1,4 @@
-"""The `r2gen` command: generate, info, check-data, sample-data.
+"""The `r2gen` command: generate, info, check-data, check-metrics, check-params, exp-report, sample-data.
 
 User mistakes print one line (``error: ...``) and exit with status 2; ``--verbose`` shows the traceback.
 """
@@ -76,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--layout", choices=["iu_xray", "mimic_cxr"], default="iu_xray")
     s.add_argument("--image-size", type=int, default=128)
     s.set_defaults(func=cmd_sample_data)
+
+    k = sub.add_parser("check-params", help="validate params.yaml as every stage reads it (`make repro` runs it before DVC)")
+    k.add_argument("path", type=Path, nargs="?", default=Path("params.yaml"))
+    k.set_defaults(func=cmd_check_params)
 
     args = parser.parse_args(argv)
     _tolerant_stdout()
@@ -400,6 +404,28 @@ def cmd_sample_data(args: argparse.Namespace) -> int:
             raise R2GenError(f"sample-data {flag} {shown} is too large: use at most {most:,}")
     summary = generate_sample(args.out, args.studies, args.seed, layout=args.layout, image_size=args.image_size)
     emit(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_check_params(args: argparse.Namespace) -> int:
+    """Every section and every precision's train spec, with the loader the stages use.
+
+    DVC parses params.yaml itself before any stage runs, with none of our checks: a YAML alias bomb
+    costs it about a minute and ends in DVC's own "unexpected error". This check refuses such a file
+    (and any other invalid value) in under a second, so `make repro` runs it first.
+    """
+    from r2gen.config import PRECISIONS, Params, TrainSpec
+    from r2gen.data.datasets import shown
+    from r2gen.errors import ConfigError
+    from r2gen.io import read_yaml
+
+    raw = read_yaml(args.path, what="params file", error=ConfigError,
+                    fix="run from the repository root (where params.yaml is) or name the file")
+    params = Params.from_dict(raw, source=str(args.path))
+    for precision in PRECISIONS:
+        TrainSpec.of(params, precision)
+    emit(f"{shown(str(args.path))}: valid (precision {params.precision}; train sections for "
+         f"{', '.join(PRECISIONS)})")
     return 0
 
 

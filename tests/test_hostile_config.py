@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -137,6 +138,24 @@ def test_the_alias_bomb_stage_exits_2_with_one_line_under_a_timeout(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr[-2000:]
     one_line(proc.stderr.strip(), "alias")
+
+
+def test_check_params_refuses_what_dvc_would_choke_on_before_dvc_runs(tmp_path, capsys):
+    # DVC parses params.yaml itself (about a minute on this bomb, then DVC's "unexpected error"), so
+    # `make repro` runs `r2gen check-params` first: the same loader as the stages, in well under a second.
+    bomb = tmp_path / "params.yaml"
+    bomb.write_text(ALIAS_BOMB + "data: *i\n")
+    start = time.monotonic()
+    code, out, err = cli(capsys, "check-params", str(bomb))
+    assert time.monotonic() - start < 5
+    assert_cli_error(code, out, err, "alias")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  fp16:\n    batch_size: 0\n")
+    assert_cli_error(*cli(capsys, "check-params", str(bad)), "train.fp16.batch_size")
+    code, out, err = cli(capsys, "check-params", str(REPO / "params.yaml"))
+    assert code == 0 and out.strip().endswith("fp32, fp16, bf16, fp8)") and not err
+    recipe = re.search(r"^repro:.*\n((?:\t.*\n)+)", (REPO / "Makefile").read_text(), re.M).group(1)
+    assert recipe.index("r2gen check-params params.yaml &&") < recipe.index("dvc repro")
 
 
 @pytest.mark.parametrize("word", ["yes", "no", "on", "off", "y", "Yes"])
