@@ -178,18 +178,26 @@ def history_figures(run: RunData) -> dict[str, str]:
 
 
 def write_loss_diff_figure(base: dict, work: dict, precisions: Sequence[str], path: Path) -> None:
-    """Smoothed training loss per step of each precision: the baseline dashed, the workspace solid."""
-    fig = Figure(figsize=(8, 4.5), layout="constrained")
-    ax = fig.add_subplot()
-    for i, p in enumerate(precisions):
-        for side, style in ((base, "--"), (work, "-")):
+    """Smoothed training loss per step, one panel per precision: the baseline dashed, the workspace solid."""
+    cols = min(len(precisions), 2)
+    rows = math.ceil(len(precisions) / cols)
+    fig = Figure(figsize=(5 * cols, 3.4 * rows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False)).ravel()
+    for i, (ax, p) in enumerate(zip(axes, precisions)):
+        for side, style, name in ((base, "--", "baseline"), (work, "-", "workspace")):
             s = side.get(p)
             if s is not None and s.steps:
-                ax.plot(s.steps, ema(s.values), color=color(p, i), linestyle=style, linewidth=1.4,
-                        label=f"{p} {'baseline' if side is base else 'workspace'}")
-    ax.set(xlabel="optimizer step", ylabel="training loss (smoothed)", title="Training loss: baseline vs workspace")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncols=2)
+                ax.plot(s.steps, ema(s.values), color=color(p, i), linestyle=style, linewidth=1.4, label=name)
+            else:
+                ax.text(0.5, 0.5 if side is base else 0.4, f"no {name} history", transform=ax.transAxes, ha="center")
+        ax.set_yscale("log")
+        ax.set_title(p, fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    for ax in axes[len(precisions):]:
+        ax.set_visible(False)
+    fig.supxlabel("optimizer step", fontsize=9)
+    fig.supylabel("training loss (smoothed, log scale)", fontsize=9)
     _save(fig, path)
 
 
