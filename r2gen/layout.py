@@ -7,7 +7,8 @@ check-metrics`` and ``r2gen exp-report``) derive a file of one precision from it
     metrics/train/<p>.json                          training summary (r2gen.records.TrainSummary)
     metrics/eval/<p>.json                           evaluation summary (r2gen.records.EvalSummary)
     metrics/eval/baseline.json                      image-blind baseline (r2gen.records.BaselineSummary)
-    dvclive/train/<p>/plots/metrics/train/<m>.tsv   per optimizer step (train/loss)
+    dvclive/train/<p>/plots/metrics/train/<m>.tsv   per optimizer step (train/loss, lr, loss_scale, skipped_steps,
+                                                    grad_norm: the pre-clip norm, on steps where it is finite)
     dvclive/train/<p>/plots/metrics/epoch/<m>.tsv   per validated epoch (epoch/val_loss, samples, ...)
     models/<p>/model.pt, models/release/model.pt    the trained models, the one `r2gen generate` ships
     reports/precision_report.md, summary.json, figures/     figures/grad_norm.png, loss_scale.png: when logged
