@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     m = sub.add_parser("check-metrics", help="gate: compare workspace metrics with a baseline revision")
     m.add_argument("--base", default="HEAD", help="git revision holding the baseline metrics (default HEAD)")
     m.add_argument("--gate", type=Path, default=Path(layout.GATE), help="tolerances per metric")
+    m.add_argument("--md", type=Path, nargs="?", const=Path(layout.METRICS_DIFF), default=None, metavar="PATH",
+                   help=f"also write the verdict as a markdown PR comment (default {layout.METRICS_DIFF}) with the "
+                        "loss-curve diff figure beside it; the terminal output is unchanged")
     m.set_defaults(func=cmd_check_metrics)
 
     e = sub.add_parser("exp-report", help="multi-seed comparison of a DVC experiment grid (README: Seeds, batch sizes)")
@@ -305,7 +308,7 @@ def cmd_check_metrics(args: argparse.Namespace) -> int:
     import shutil
     import subprocess
 
-    from r2gen.gate import evaluate, load_rules, stated_reasons
+    from r2gen.gate import evaluate, load_rules, stated_reasons, summary_line
     from r2gen.io import read_yaml
 
     raw = read_yaml(args.gate, what="gate file", fix="run from the repository root or pass --gate FILE")
@@ -325,12 +328,38 @@ def cmd_check_metrics(args: argparse.Namespace) -> int:
     checks = evaluate(diff, precisions, rules, stated_reasons(rules, precisions))
     for check in checks:
         emit(check.line())
-    failed = [c for c in checks if not c.ok]
-    skipped = [c for c in checks if c.skipped]
-    emit(f"{len(checks) - len(failed) - len(skipped)}/{len(checks)} metrics within tolerance of {args.base}"
-          + (f"; {len(skipped)} skipped (reason on each line)" if skipped else "")
-          + (f"; {len(failed)} FAILED" if failed else ""))
-    return 1 if failed else 0
+    emit(summary_line(checks, args.base))
+    if args.md is not None:
+        _write_metrics_md(args.md, checks, args.base, precisions)
+    return 1 if any(not c.ok for c in checks) else 0
+
+
+def _write_metrics_md(path: Path, checks: list, base: str, precisions: list[str]) -> None:
+    """``check-metrics --md``: the gate's table and the loss-curve diff (baseline from git, workspace files)."""
+    import subprocess
+
+    from r2gen.compare.loss_diff import load_losses, loss_diff_markdown
+    from r2gen.gate import render_markdown
+    from r2gen.io import write_text
+
+    def from_base(rel: str) -> str | None:
+        proc = subprocess.run(["git", "show", f"{base}:{rel}"], capture_output=True, text=True)
+        return proc.stdout if proc.returncode == 0 else None
+
+    def from_workspace(rel: str) -> str | None:
+        return Path(rel).read_text(encoding="utf-8") if Path(rel).is_file() else None
+
+    figure = layout.metrics_diff_figure(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.unlink(missing_ok=True)  # a figure of an earlier run must not pass for this one
+        losses = loss_diff_markdown(load_losses(from_base, precisions), load_losses(from_workspace, precisions),
+                                    precisions, base, figure)
+        write_text(path, render_markdown(checks, base, losses))
+    except OSError as exc:
+        raise R2GenError(f"cannot write the metrics diff {path}: {exc.strerror or exc}; "
+                         "pass --md PATH in a writable folder") from None
+    emit(f"markdown: {path}" + (f" (figure {figure})" if figure.exists() else ""))
 
 
 def cmd_exp_report(args: argparse.Namespace) -> int:

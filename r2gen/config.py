@@ -24,6 +24,7 @@ BACKENDS: tuple[str, ...] = ("auto", "native", "te", "emulated")
 FP8_RECIPES: tuple[str, ...] = ("delayed", "current")
 BATCH_MODES: tuple[str, ...] = ("configured", "equal", "max")
 LR_SCALING: tuple[str, ...] = ("sqrt", "linear", "none")
+REFERENCES: tuple[str, ...] = ("truncated", "full")  # evaluate.references
 VISUAL_EXTRACTORS: tuple[str, ...] = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 # Views per study in each dataset layout (R2Gen: IU X-Ray stacks frontal + lateral, MIMIC uses one).
@@ -310,9 +311,13 @@ class EvaluateConfig:
     block_trigrams: bool = False  # greedy only: the public greedy's trigram penalty (-0.693 * 2 per repeat)
     batch_size: int = 16
     meteor: bool = True  # needs Java; without it METEOR is recorded as null with the reason
+    # What reports are scored against (r2gen.evaluation.references): truncated (R2Gen: the report
+    # encoded and decoded, <unk> for rare words, cut at max_seq_length) | full (the cleaned report, whole)
+    references: str = "truncated"
 
     def __post_init__(self) -> None:
         check_choice("evaluate.precision", self.precision, PRECISIONS)
+        check_choice("evaluate.references", self.references, REFERENCES)
         _positive("evaluate.num_beams", self.num_beams)
         if self.max_new_tokens is not None:
             _positive("evaluate.max_new_tokens", self.max_new_tokens)

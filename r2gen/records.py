@@ -161,6 +161,7 @@ class EvalSummary(Record):
     eval_precision: str
     eval_backend: str
     test_loss: float
+    references: str  # scored against: truncated (R2Gen: decode(encode(report))) | full (evaluate.references)
     BLEU_1: float
     BLEU_2: float
     BLEU_3: float
@@ -191,6 +192,7 @@ class BaselineSummary(Record):
     baseline: str
     report: str
     train_frequency: float
+    references: str  # scored against: truncated | full (evaluate.references), as the models are
     BLEU_1: float
     BLEU_2: float
     BLEU_3: float

@@ -92,10 +92,10 @@ def conclusion_lines(md: str) -> list[str]:
 def test_report_has_every_table_and_every_precision_row(work):
     md = markdown(work)
     for heading in ("## Conclusions", "## Environment", "## Training efficiency", "## Memory", "## Quality",
-                    "### Losses and numerical stability", "## Figures"):
+                    "### Losses and numerical stability", "### Gradient norm and loss scale", "## Figures"):
         assert heading + "\n" in md
     tables = precision_rows(md)
-    assert len(tables) == 5  # precision setup, efficiency, memory, quality, losses
+    assert len(tables) == 6  # precision setup, efficiency, memory, quality, losses, gradients
     for header, rows in tables.items():
         assert [r for r in rows if not r.startswith("image-blind")] == list(LABELS.values()), header
     assert any(r.startswith("image-blind baseline") for r in tables[next(h for h in tables if "BLEU_4" in h)])

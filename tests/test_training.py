@@ -270,6 +270,12 @@ def test_fp16_grad_scaler_skips_overflowing_steps_and_counts_them(tmp_path, tiny
     tsv = tmp_path / "dvclive" / "fp16" / "plots" / "metrics" / "train" / "loss_scale.tsv"
     scales = [float(r["loss_scale"]) for r in csv.DictReader(tsv.read_text().splitlines(), delimiter="\t")]
     assert scales == [2.0**15, 2.0**14, 2.0**14]
+    train_dir = tsv.parent
+    skipped = [int(float(r["skipped_steps"])) for r in
+               csv.DictReader((train_dir / "skipped_steps.tsv").read_text().splitlines(), delimiter="\t")]
+    assert skipped == [1, 2, 2]  # GradScaler's skipped steps so far, per step
+    norms = list(csv.DictReader((train_dir / "grad_norm.tsv").read_text().splitlines(), delimiter="\t"))
+    assert [r["step"] for r in norms] == ["2"] and float(norms[0]["grad_norm"]) > 0  # the overflowed steps have none
 
 
 def test_fp16_consecutive_overflows_stop_the_run_with_a_clear_error(tmp_path, tiny_data, monkeypatch):

@@ -253,10 +253,16 @@ def _count_step(run: Run, result: StepResult, dt: float) -> None:
 
 
 def _log_step(run: Run, result: StepResult, dt: float, history: LiveLogger | NullLogger) -> None:
+    """One row per step: loss, lr, loss scale, GradScaler's skipped steps so far, and the pre-clip
+    gradient norm where it is finite (an overflowed fp16 step has none: it shows as a skipped step)."""
     scaler = run.parts.scaler
     lr = run.parts.optimizer.param_groups[1]["lr"]
-    history.log_step({"train/loss": result.loss, "train/lr": lr,
-                      "train/loss_scale": scaler.get_scale() if scaler.is_enabled() else 1.0})
+    metrics = {"train/loss": result.loss, "train/lr": lr,
+               "train/loss_scale": scaler.get_scale() if scaler.is_enabled() else 1.0}
+    if result.finite_grad_norm is not None:
+        metrics["train/grad_norm"] = result.finite_grad_norm
+    metrics["train/skipped_steps"] = run.state.skipped_steps  # 0 throughout without a GradScaler
+    history.log_step(metrics)
     if run.state.step % run.spec.common.log_every == 0:
         log.info("step %d | loss %.3f | lr %.1e | %.0f ms/step | %.2f GiB", run.state.step, result.loss, lr,
                  dt * 1000, peak_memory(run.device)[0] / 2**30)
