@@ -480,3 +480,29 @@ def test_verify_fp8_catches_a_torchao_layer_that_never_ran():
     parts, _ = build(plan)
     with pytest.raises(PrecisionError, match="3 of 3 converted layers did not run in FP8"):
         verify_fp8(parts.model, plan)
+
+
+@needs_torchao
+def test_torchao_converts_r2gen_like_the_emulation_and_takes_a_training_step():
+    from r2gen.config import ModelConfig
+    from r2gen.model.r2gen import R2Gen
+
+    cfg = ModelConfig(visual_extractor="resnet10", visual_width=8, d_model=32, d_ff=32, num_heads=4, num_layers=1,
+                      rm_num_slots=3, rm_num_heads=4, rm_d_model=32)
+    reports = {}
+    for backend in ("emulated", "torchao"):
+        torch.manual_seed(0)
+        model = R2Gen(cfg, vocab_size=12)
+        plan = resolve("fp8", backend, "cpu", "current")
+        reports[backend] = convert_model(model, plan)
+    assert reports["torchao"] == reports["emulated"] and reports["torchao"]["linear_converted"] > 0
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (2, 2, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.cat([torch.zeros(2, 1, dtype=torch.long), torch.randint(1, 12, (2, 6), generator=g)], 1)
+    with plan.autocast():
+        loss = model(images, labels).loss
+    loss.backward()
+    verify_fp8(model, plan)
+    assert torch.isfinite(loss)
+    with plan.autocast():
+        assert model.generate(images, num_beams=2, max_new_tokens=4).shape[0] == 2
