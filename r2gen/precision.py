@@ -624,7 +624,8 @@ def _te_cold_inference(layer: nn.Module) -> bool:
     if torch.is_grad_enabled():
         return False
     recipe = _fp8_global_state().get_fp8_recipe()
-    if not (hasattr(recipe, "delayed") and recipe.delayed()):
+    delayed = recipe.delayed() if hasattr(recipe, "delayed") else type(recipe).__name__ == "DelayedScaling"  # TE 1.x
+    if not delayed:
         return False
     history = getattr(layer.fp8_meta.get("scaling_fwd"), "amax_history", None)
     return history is None or not bool(history.abs().sum() > 0)

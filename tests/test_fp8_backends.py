@@ -506,3 +506,33 @@ def test_torchao_converts_r2gen_like_the_emulation_and_takes_a_training_step():
     assert torch.isfinite(loss)
     with plan.autocast():
         assert model.generate(images, num_beams=2, max_new_tokens=4).shape[0] == 2
+
+
+def fp8_gpu() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torchao_missing or not fp8_gpu(), reason="needs torchao and a CUDA GPU of sm >= 8.9")
+def test_torchao_on_a_gpu_trains_in_fp8_and_tracks_the_emulation():
+    device = torch.device("cuda")
+    curves = {}
+    for backend in ("torchao", "emulated"):
+        plan = resolve("fp8", backend, device, "current")
+        torch.manual_seed(0)
+        model = Toy().to(device)
+        assert convert_model(model, plan)["converted"] == ["inp", "up", "down"]
+        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+        x, y = (t.to(device) for t in data())
+        losses = []
+        for _ in range(10):
+            with plan.autocast():
+                loss = nn.functional.cross_entropy(model(x).float(), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        verify_fp8(model, plan)
+        curves[backend] = torch.tensor(losses)
+    assert plan.describe()["speed_comparable"] is False  # the emulated one
+    assert (curves["torchao"] - curves["emulated"]).abs().max() < 0.05
