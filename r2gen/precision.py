@@ -6,7 +6,7 @@
 | fp16      | native   | ``torch.autocast(fp16)`` (CPU too: real fp16, speed not meaningful) | on   |
 | bf16      | native   | ``torch.autocast(bf16)``                                      | off        |
 | fp8       | te       | ``torch.autocast(bf16)`` + Transformer Engine ``te.autocast(recipe)`` | off |
-| fp8       | torchao  | ``torch.autocast(bf16)``; the layers are torchao ``Float8Linear`` (:mod:`r2gen.fp8_torchao`) | off |
+| fp8       | torchao  | ``torch.autocast(bf16)``; the layers are torchao ``Float8Linear`` (r2gen.fp8_torchao) | off |
 | fp8       | emulated | ``torch.autocast(bf16)`` + :func:`r2gen.fp8_emulation.fp8_autocast` | off  |
 
 ``backend: auto`` picks native for fp32/fp16/bf16. For fp8 it picks te on a CUDA GPU with compute

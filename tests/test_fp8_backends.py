@@ -362,7 +362,8 @@ def test_capability_check_asks_transformer_engine_and_auto_avoids_a_refusing_te(
     fake_te.available = (False, "CUDA 12.0 found, FP8 on sm 9.0 needs CUDA 12.1+")
     hardware = precision.probe_hardware(torch.device("cuda"))
     assert hardware.te_version == "2.20.0"
-    assert hardware.te_error == "Transformer Engine 2.20.0 reports FP8 unavailable: CUDA 12.0 found, FP8 on sm 9.0 needs CUDA 12.1+"
+    assert hardware.te_error == ("Transformer Engine 2.20.0 reports FP8 unavailable: CUDA 12.0 found, FP8 on sm 9.0 "
+                                 "needs CUDA 12.1+")
     with pytest.raises(PrecisionError, match="needs CUDA 12.1") as info:
         resolve("fp8", "te", "cuda")
     assert "\n" not in str(info.value)
