@@ -4,16 +4,17 @@ torchao (``pip install 'r2gen-precision[torchao]'``, pure Python, no build) swap
 for a ``torchao.float8.Float8Linear`` with :func:`torchao.float8.convert_to_float8_training` and its
 default ``Float8LinearConfig``: tensorwise dynamic scaling (each tensor scaled from its own amax,
 like TE's ``Float8CurrentScaling``), E4M3 input and weight, E5M2 output gradient, and the three GEMMs
-of a step (output, input gradient, weight gradient) as ``torch._scaled_mm`` calls. The layer keeps
-no fp8 state: its state dict is ``weight`` and ``bias``, so checkpoints load with
-``torch.load(weights_only=True)`` and resume bit-exactly where the device is deterministic.
+of a step (output, input gradient, weight gradient) as ``torch._scaled_mm`` calls (on CUDA the
+output GEMM uses cuBLASLt's fast accumulation, torchao's default). The layer keeps no fp8 state:
+its state dict is ``weight`` and ``bias``, so checkpoints load with ``torch.load(weights_only=True)``
+and resume bit-exactly where the device is deterministic.
 
-On a CPU (torch 2.14 has a CPU ``torch._scaled_mm``; :func:`cpu_scaled_mm_error` checks the torch at
-hand) torchao's real path runs unchanged, with one
-addition of ours: ``Float8Linear.forward`` applies only CUDA's autocast to its input (it reads
-``torch.get_autocast_gpu_dtype()``), so a forward pre-hook casts the input to the *CPU* autocast
-dtype first, which is what torchao does itself on a GPU. Everything else (scaling, casts, GEMMs,
-backward) is torchao's code. A CPU run gives FP8 numerics, never FP8 speed ("numerics only").
+On a CPU (torch 2.14 has a CPU ``torch._scaled_mm``; :func:`cpu_scaled_mm_error` checks the torch
+at hand) torchao's real path runs unchanged, with one addition of ours: ``Float8Linear.forward``
+applies only CUDA's autocast to its input (it reads ``torch.get_autocast_gpu_dtype()``), so a
+forward pre-hook casts the input to the *CPU* autocast dtype first, which is what torchao does
+itself on a GPU. Everything else (scaling, casts, GEMMs, backward) is torchao's code. A CPU run
+gives FP8 numerics, never FP8 speed ("numerics only").
 
 torchao is imported here only, and only when an fp8 plan asks for it.
 """
