@@ -20,7 +20,7 @@ from r2gen.io import shorten
 
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "fp8")
 DATASETS: tuple[str, ...] = ("iu_xray", "mimic_cxr")
-BACKENDS: tuple[str, ...] = ("auto", "native", "te", "emulated")
+BACKENDS: tuple[str, ...] = ("auto", "native", "te", "torchao", "emulated")
 FP8_RECIPES: tuple[str, ...] = ("delayed", "current")
 BATCH_MODES: tuple[str, ...] = ("configured", "equal", "max")
 LR_SCALING: tuple[str, ...] = ("sqrt", "linear", "none")
@@ -268,7 +268,7 @@ class TrainCommon:
 @dataclass(frozen=True)
 class TrainPrecision:
     batch_size: int = 16
-    backend: str = "auto"  # auto | native | te | emulated (see r2gen.precision)
+    backend: str = "auto"  # auto | native | te | torchao | emulated (see r2gen.precision)
     fp8_recipe: str = "delayed"  # fp8 only: delayed (DelayedScaling, HYBRID) | current
     nproc: int = 1  # data-parallel processes (torchrun + DDP); batch_size is per process
 
