@@ -87,6 +87,7 @@ class LiveLogger:
         self.live = Live(str(live_dir), resume=resume_step is not None, dvcyaml=False,
                          save_dvc_exp=False, monitor_system=False)
         if system_monitor:
+            _skip_gpus_without_nvml()
             self.live.monitor_system(interval=MONITOR_INTERVAL_S, num_samples=MONITOR_SAMPLES)
         self._started = resume_step is not None
         if self._started:
@@ -131,6 +132,21 @@ class LiveLogger:
         except OSError as exc:
             raise R2GenError(f"could not write the training history in {self.live.dir}: {exc.strerror or exc}; "
                              "check free disk space and permissions, then rerun to resume") from None
+
+
+def _skip_gpus_without_nvml() -> None:
+    """dvclive samples GPUs through NVML whenever pynvml imports; without the NVML library (a CPU host)
+    every sample fails, CPU, RAM and disk included, with a logged traceback. GPU sampling is then off."""
+    from dvclive import monitor_system as dvclive_monitor
+
+    if not dvclive_monitor.GPU_AVAILABLE:
+        return
+    try:
+        dvclive_monitor.nvmlInit()
+        dvclive_monitor.nvmlShutdown()
+    except dvclive_monitor.NVMLError as exc:
+        log.info("system monitor: CPU, RAM and disk only (NVML: %s)", exc)
+        dvclive_monitor.GPU_AVAILABLE = False
 
 
 def _truncate_history(live_dir: Path, step: int) -> None:
