@@ -137,14 +137,21 @@ def test_ddp_cuda_batch_probe_runs_in_a_child_process_without_collectives_or_fp8
     amaxes over the world group while rank 1 waited in broadcast_object_list."""
     parent: list[str] = []  # what happened in the training process
 
-    def fake_te_step(*args, **kwargs):  # TE's mechanism: registration in global state + a world all-reduce
-        parent.append("TE FP8GlobalStateManager registration")
-        dist.all_reduce(torch.zeros(1))
+    def fake_te_probe(*args, **kwargs):  # a probe model whose fp8 step does what TE's delayed scaling does
+        def step(batch: int) -> None:
+            parent.append("TE FP8GlobalStateManager amax registration")
+            dist.all_reduce(torch.zeros(1))  # TE's amax reduction over the world group
+        return step
 
-    monkeypatch.setattr(batchsize, "r2gen_step", fake_te_step)
+    monkeypatch.setattr(batchsize, "r2gen_step", fake_te_probe)
+    for name in ("synchronize", "empty_cache", "reset_peak_memory_stats"):  # an in-process CUDA probe's calls
+        monkeypatch.setattr(torch.cuda, name, lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: GIB)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: GIB)
     for name in ("all_reduce", "broadcast", "all_gather", "reduce_scatter", "barrier"):
         monkeypatch.setattr(dist, name, lambda *a, _name=name, **k: parent.append(f"collective {_name}"))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * GIB, 16 * GIB))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(total_memory=16 * GIB))
     for var, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "x"}.items():
         monkeypatch.setenv(var, value)
