@@ -453,9 +453,6 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
             raise ConfigError(f"{source}: '{key}' must be a number, got {shorten(value)}")
         return float(value)
     if hint is str:
-        if isinstance(value, bool):  # YAML 1.1 reads bare on/off/yes/no as booleans
-            raise ConfigError(f"{source}: '{key}' must be a string, got {str(value).lower()} (YAML reads bare "
-                              f"on/off/yes/no as true/false: quote the value, e.g. \"on\")")
         if not isinstance(value, str):
             raise ConfigError(f"{source}: '{key}' must be a string, got {shorten(value)}")
         return value
