@@ -250,7 +250,7 @@ class TrainCommon:
     # same for every precision (same optimizer steps); max: the largest batch within memory_budget_gb,
     # found by a probe (r2gen/training/batchsize.py), learning rates rescaled from train.<p>.batch_size by lr_scaling.
     batch_mode: str = "configured"
-    memory_budget_gb: float | None = None  # max mode; null: 90% of the GPU's memory or of the RAM available
+    memory_budget_gb: float | None = None  # max mode; null: 90% of the free GPU memory or of the RAM available
     lr_scaling: str = "sqrt"  # max mode: sqrt | linear | none (see r2gen.training.batchsize.scaled_lr)
     # dvclive's system metrics (CPU, RAM, disk, GPU): a sampling thread in the training process that
     # competes for the GIL. auto: on only where samples/s is no speed measurement anyway (emulated
