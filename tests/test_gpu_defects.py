@@ -13,6 +13,7 @@ under-estimates) ``test_cuda_budget_...``, ``test_cuda_probe_counts_reserved_mem
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -187,6 +188,30 @@ def test_a_probe_process_error_is_a_one_line_error_in_training(monkeypatch):
     with pytest.raises(R2GenError) as err:
         batchsize.cuda_probe_in_child(spec, 30, torch.device("cuda", 0), 9 * GIB, 4, 64)
     assert str(err.value) == message
+
+
+@pytest.mark.parametrize("device, selected", [("cuda", []), ("cuda:1", [torch.device("cuda", 1)])])
+def test_the_cuda_probe_process_searches_with_reserved_memory_and_ddp_overhead(monkeypatch, capsys, device,
+                                                                               selected):
+    """The body of the probe process, in this process with CUDA mocked: request in, ProbeResult out."""
+    calls, peaks = [], {}
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(d))
+    for name in ("synchronize", "empty_cache", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda d=None: peaks["now"])
+    model = torch.nn.Linear(4, 4)  # 20 parameters: 80 gradient bytes in DDP's buckets
+    monkeypatch.setattr(batchsize, "r2gen_step", lambda spec, vocab, plan: batchsize.ProbeStep(
+        model, lambda batch: peaks.update(now=batch * GIB)))
+    monkeypatch.setattr(ProbeSpec, "plan", lambda self, d: SimpleNamespace(device=torch.device(d)))
+    spec = ProbeSpec.of(TrainSpec.of(tiny_params(), "bf16"), ddp=True)
+    request = {"spec": spec.to_dict(), "vocab_size": 30, "device": device, "budget_bytes": 20 * GIB, "start": 4,
+               "limit": 64}
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(request)))
+    batchsize._cuda_probe_child()
+    result = ProbeResult.from_dict(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert calls == selected
+    assert result.peaks[4] == 4 * GIB + 80 + NCCL_RESERVE_BYTES
+    assert result.batch == 16 and result.budget_bytes == 20 * GIB  # 16 GiB + overhead fits, 24 does not
 
 
 def test_a_probe_result_survives_the_json_a_probe_process_answers_with():

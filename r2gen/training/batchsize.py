@@ -421,7 +421,8 @@ def _cuda_probe_child() -> None:
     spec = ProbeSpec.from_dict(request["spec"])
     device = torch.device(request["device"])
     torch.set_num_threads(spec.threads)
-    torch.cuda.set_device(device)
+    if device.index is not None:  # cuda:N under DDP; plain "cuda" is the current device already
+        torch.cuda.set_device(device)
     try:
         step = r2gen_step(spec, request["vocab_size"], spec.plan(device))
         extra = ddp_overhead_bytes(step.gradient_bytes, device) if spec.ddp else 0
