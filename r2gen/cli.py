@@ -156,6 +156,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
+    from r2gen import precision as prec
     from r2gen.checkpoint import build_model, load_model_file
     from r2gen.data.images import load_view
     from r2gen.tokenizer import Tokenizer
@@ -177,6 +178,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise R2GenError("--device cuda was given but no CUDA device is usable here; use --device cpu")
     device = torch.device(args.device)
+    prec.set_fp32_numerics(device)  # as the evaluate stage: fp32 means IEEE fp32 (no TF32 convs on CUDA)
     model = build_model(ckpt, args.checkpoint).to(device)
     positions = model.embed.pe.shape[0]  # the decoder's positional table bounds the report length
     max_tokens = args.max_new_tokens if args.max_new_tokens is not None else tokenizer.max_seq_length

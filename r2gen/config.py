@@ -25,6 +25,7 @@ FP8_RECIPES: tuple[str, ...] = ("delayed", "current")
 BATCH_MODES: tuple[str, ...] = ("configured", "equal", "max")
 LR_SCALING: tuple[str, ...] = ("sqrt", "linear", "none")
 REFERENCES: tuple[str, ...] = ("truncated", "full")  # evaluate.references
+MONITOR_SYSTEM: tuple[str, ...] = ("auto", "on", "off")
 VISUAL_EXTRACTORS: tuple[str, ...] = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 # Views per study in each dataset layout (R2Gen: IU X-Ray stacks frontal + lateral, MIMIC uses one).
@@ -250,11 +251,19 @@ class TrainCommon:
     # same for every precision (same optimizer steps); max: the largest batch within memory_budget_gb,
     # found by a probe (r2gen/training/batchsize.py), learning rates rescaled from train.<p>.batch_size by lr_scaling.
     batch_mode: str = "configured"
-    memory_budget_gb: float | None = None  # max mode; null: 90% of the GPU's memory or of the RAM available
+    memory_budget_gb: float | None = None  # max mode; null: 90% of the free GPU memory or of the RAM available
     lr_scaling: str = "sqrt"  # max mode: sqrt | linear | none (see r2gen.training.batchsize.scaled_lr)
+    # dvclive's system metrics (CPU, RAM, disk, GPU): a sampling thread in the training process that
+    # competes for the GIL. auto: on only where samples/s is no speed measurement anyway (emulated
+    # fp8, fp16 on CPU); on | off. Recorded in the training summary (r2gen.training.live).
+    monitor_system: str = "off"
+    # torch.use_deterministic_algorithms + cuDNN deterministic, benchmark off: a resumed GPU run is
+    # bit-equal to an unkilled one only with it (CPU runs are deterministic already); slower.
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         check_choice("train.common.batch_mode", self.batch_mode, BATCH_MODES)
+        check_choice("train.common.monitor_system", self.monitor_system, MONITOR_SYSTEM)
         check_choice("train.common.lr_scaling", self.lr_scaling, LR_SCALING)
         if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
             raise ConfigError(f"train.common.memory_budget_gb must be positive or null, got {self.memory_budget_gb}")

@@ -127,6 +127,8 @@ class TrainSummary(Record):
     epochs: int
     steps: int
     threads: int
+    monitor_system: bool  # dvclive sampled system metrics during the run (train.common.monitor_system resolved)
+    deterministic: bool  # train.common.deterministic: deterministic kernels (GPU resume bit-exact)
     train_loss: float
     val_loss: float | None
     samples_per_s: float | None  # warm-up steps excluded

@@ -18,11 +18,14 @@ model and the metrics.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from tqdm import tqdm
@@ -41,9 +44,9 @@ from r2gen.model.visual import feature_map_side
 from r2gen.records import TrainSummary
 from r2gen.tokenizer import Tokenizer
 from r2gen.training.batchsize import BatchChoice, choose_batch
-from r2gen.training.live import LiveLogger, NullLogger, open_history
+from r2gen.training.live import LiveLogger, NullLogger, monitor_system_on, open_history
 from r2gen.training.load import HostLoad
-from r2gen.training.memory import peak_memory, rss_bytes
+from r2gen.training.memory import peak_memory, reset_peak, rss_bytes
 from r2gen.training.state import (TrainState, Trainables, config_fingerprint, load_resumable, restore_checkpoint,
                                   save_checkpoint, seed_everything)
 from r2gen.training.step import StepResult, build_optimizer, train_step
@@ -52,6 +55,8 @@ from r2gen.validation import evaluate_loss
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "last.pt"  # in TrainPaths.checkpoint_dir; removed when the run completes
+# What torch requires of cuBLAS under torch.use_deterministic_algorithms (read at its first call).
+CUBLAS_WORKSPACE = ("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,7 @@ class Run:
     resume_step: int | None  # the last history step a resumed run keeps; None for a fresh run
     consecutive_nonfinite: int = 0  # steps without an update in a row (not checkpointed)
     fp8_verified: bool = False  # the first full step of this process was checked to run in FP8
+    monitor_system: bool = False  # dvclive samples system metrics (train.common.monitor_system resolved)
     # Other processes' CPU time while the epochs ran (this process's segment only: not checkpointed).
     load: HostLoad = field(default_factory=HostLoad)
 
@@ -108,9 +114,10 @@ def train(spec: TrainSpec, paths: TrainPaths) -> TrainSummary:
     """
     world = World.from_env()
     device = world.device(prec.select_device(spec.common.device))
-    with world.joined(device) as ddp_backend:
+    with deterministic_kernels(spec.common.deterministic), world.joined(device) as ddp_backend:
         run = setup(spec, paths, world, device, ddp_backend)
-        with open_history(paths.live_dir, run.resume_step, system_monitor=device.type == "cuda",
+        run.monitor_system = monitor_system_on(spec.common.monitor_system, run.plan.describe()["speed_comparable"])
+        with open_history(paths.live_dir, run.resume_step, system_monitor=run.monitor_system,
                           enabled=world.is_main) as history:
             baseline_rss = rss_bytes()
             run.model.train()
@@ -123,6 +130,33 @@ def train(spec: TrainSpec, paths: TrainPaths) -> TrainSummary:
         if world.is_main:
             mark_complete(run)
     return summary
+
+
+@contextlib.contextmanager
+def deterministic_kernels(enabled: bool) -> Iterator[None]:
+    """``train.common.deterministic`` for the block; the previous settings are restored after it.
+
+    On: ``torch.use_deterministic_algorithms(True)`` (an op without a deterministic kernel raises),
+    cuDNN deterministic with benchmark off, and ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` unless already
+    set, as torch requires for cuBLAS. cuDNN's default backward kernels are nondeterministic, so
+    only with it is a resumed GPU run bit-equal to an unkilled one; CPU runs are deterministic anyway.
+    """
+    if not enabled:
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             cudnn.deterministic, cudnn.benchmark, os.environ.get(CUBLAS_WORKSPACE[0]))
+    os.environ.setdefault(*CUBLAS_WORKSPACE)
+    torch.use_deterministic_algorithms(True)
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        cudnn.deterministic, cudnn.benchmark = saved[2], saved[3]
+        if saved[4] is None:
+            os.environ.pop(CUBLAS_WORKSPACE[0], None)
 
 
 # ---------------------------------------------------------------------------------------- setup
@@ -145,6 +179,7 @@ def setup(spec: TrainSpec, paths: TrainPaths, world: World, device: torch.device
     ckpt = world.broadcast(load_resumable(ckpt_path, fingerprint) if world.is_main else None)
     resumed = TrainState.from_dict(ckpt["state"]) if ckpt is not None else None
     choice = choose_batch(spec, plan, tokenizer.vocab_size, world, len(train_split.ids), resumed)
+    reset_peak(device)  # peak_memory_bytes is training's own, never the probe's
     if spec.common.batch_mode == "max":
         log.info("batch_mode max: batch %d | learning rates x %.3g (%s rule from batch %d)", choice.batch,
                  choice.lr_factor, spec.common.lr_scaling, spec.train.batch_size)
@@ -319,6 +354,8 @@ def summarize(run: Run, baseline_rss: int) -> TrainSummary:
         epochs=common.epochs,
         steps=state.step,
         threads=spec.threads,
+        monitor_system=run.monitor_system,
+        deterministic=common.deterministic,
         train_loss=state.epoch_losses[-1],
         val_loss=state.val_losses[-1] if state.val_losses else None,
         samples_per_s=state.timed_samples / state.timed_seconds if state.timed_seconds else None,
