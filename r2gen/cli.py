@@ -24,7 +24,8 @@ MAX_SAMPLE_STUDIES = 100_000  # sample-data: 100k studies at 128 px is already g
 MAX_SAMPLE_SIZE = 2048  # sample-data px: the top of data.image_size's range (r2gen.config.RANGES)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `r2gen` argument parser: one subcommand per task, each bound to its ``cmd_*`` function."""
     parser = argparse.ArgumentParser(prog="r2gen", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"r2gen-precision {r2gen.__version__}")
     parser.add_argument("--verbose", action="store_true", help="show tracebacks")
@@ -83,8 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     k = sub.add_parser("check-params", help="validate params.yaml as every stage reads it (`make repro` runs it before DVC)")
     k.add_argument("path", type=Path, nargs="?", default=Path("params.yaml"))
     k.set_defaults(func=cmd_check_params)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     _tolerant_stdout()
     try:
         return args.func(args) or 0
