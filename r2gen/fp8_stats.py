@@ -15,7 +15,7 @@ and ``gemm_rel_error``: ``||y - y_ref|| / ||y_ref||`` of the layer's real output
 backend computed, in its output dtype) against the same GEMM in fp32 on the same input and weight.
 
 The statistics are exact functions of the tensors (:func:`tensor_stats`); the probe costs a few
-reductions per layer and runs on logging steps only.
+reductions per layer and runs on logging steps only. The table file is :mod:`r2gen.fp8_table`.
 """
 
 from __future__ import annotations
@@ -148,6 +148,7 @@ class Fp8LayerProbe:
         return hook
 
 
-def worst_layers(rows: list[dict], key: str = "gemm_rel_error", n: int = 5) -> list[dict]:
-    """The ``n`` rows with the largest ``key`` (the layers that lose most), largest first."""
-    return sorted((r for r in rows if key in r), key=lambda r: r[key], reverse=True)[:n]
+def probe_epochs(epochs: int) -> list[int]:
+    """The 0-based epochs whose first step is probed: the first, the middle and the last."""
+    return sorted({0, (epochs - 1) // 2, epochs - 1})
+

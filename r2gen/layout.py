@@ -10,8 +10,9 @@ check-metrics`` and ``r2gen exp-report``) derive a file of one precision from it
     dvclive/train/<p>/plots/metrics/train/<m>.tsv   per optimizer step (train/loss, lr, loss_scale, skipped_steps,
                                                     grad_norm: the pre-clip norm, on steps where it is finite)
     dvclive/train/<p>/plots/metrics/epoch/<m>.tsv   per validated epoch (epoch/val_loss, samples, ...)
+    dvclive/train/fp8/fp8_layers.json               FP8 per-layer numerics at the probed epochs (r2gen.fp8_stats)
     models/<p>/model.pt, models/release/model.pt    the trained models, the one `r2gen generate` ships
-    reports/precision_report.md, summary.json, figures/     figures/grad_norm.png, loss_scale.png: when logged
+    reports/precision_report.md, summary.json, figures/     figures/grad_norm.png, loss_scale.png, fp8_layers.png: when logged
     metrics_diff.md, metrics_diff_loss.png          `r2gen check-metrics --md` (a PR comment; any PATH)
     reports/experiments/experiments_report.md, experiments.json, figures/
 
@@ -57,6 +58,11 @@ def baseline_summary(metrics: str | Path = METRICS) -> Path:
 def live_run(precision: str, live: str | Path = LIVE) -> Path:
     """``dvclive/train/<p>``: one training run's dvclive folder."""
     return Path(live, precision)
+
+
+def fp8_layers(run: str | Path) -> Path:
+    """``<run>/fp8_layers.json``: the FP8 layer probe's table of one (fp8) training run."""
+    return Path(run, "fp8_layers.json")
 
 
 def step_history(run: str | Path, metric: str) -> Path:

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from r2gen import fp8_emulation as emu
-from r2gen.fp8_stats import Fp8LayerProbe, tensor_stats, worst_layers
+from r2gen.fp8_stats import Fp8LayerProbe, tensor_stats
+from r2gen.fp8_table import worst_layers
 
 E4M3_MIN_SUBNORMAL = 2.0**-9
 E5M2_MIN_SUBNORMAL = 2.0**-16
@@ -89,3 +90,37 @@ def test_worst_layers_orders_by_gemm_error():
     rows = [{"layer": "a", "gemm_rel_error": 0.01}, {"layer": "b", "gemm_rel_error": 0.2},
             {"layer": "c", "gemm_rel_error": 0.05}]
     assert [r["layer"] for r in worst_layers(rows, n=2)] == ["b", "c"]
+
+
+def test_an_fp8_run_writes_the_layer_table_at_the_probed_epochs_and_trains_exactly_as_unprobed(
+        tmp_path, tiny_data, monkeypatch):
+    from helpers import paths_in, step_losses, tiny_params
+    from r2gen import fp8_stats, fp8_table, layout
+    from r2gen.config import TrainSpec
+    from r2gen.training import train
+
+    params = tiny_params(tiny_data["root"], train__common__epochs=3, model__d_model=32, model__d_ff=32,
+                         train__fp8__backend="emulated")
+    spec = TrainSpec.of(params, "fp8")
+    probed = paths_in(tmp_path / "probed", tiny_data, "fp8")
+    summary = train(spec, probed)
+    table = fp8_table.read_table(layout.fp8_layers(probed.live_dir))
+    assert table["backend"] == "emulated" and table["speed_comparable"] is False
+    assert table["epochs"] == [1, 2, 3]
+    layers = {r["layer"] for r in table["rows"]}
+    assert len(layers) == summary.fp8_linear_converted > 0
+    for row in table["rows"]:
+        assert 0 <= row["input_underflow"] <= 1 and 0 <= row["grad_output_saturation"] <= 1
+        assert row["input_amax"] > 0 and row["grad_output_scale"] > 0 and row["gemm_rel_error"] > 0
+    monkeypatch.setattr(fp8_stats, "probe_epochs", lambda epochs: [])
+    plain = paths_in(tmp_path / "plain", tiny_data, "fp8")
+    unprobed = train(spec, plain)
+    assert not layout.fp8_layers(plain.live_dir).exists()
+    assert step_losses(probed.live_dir) == step_losses(plain.live_dir)
+    assert summary.train_loss == unprobed.train_loss and summary.val_loss == unprobed.val_loss
+
+
+def test_probe_epochs_are_the_first_middle_and_last():
+    from r2gen.fp8_stats import probe_epochs
+
+    assert probe_epochs(1) == [0] and probe_epochs(2) == [0, 1] and probe_epochs(30) == [0, 14, 29]

@@ -33,6 +33,7 @@ PRECISION_FIGURES = {
 HISTORY_FIGURES = {
     "grad_norm.png": "Global gradient L2 norm per step, before clipping (light: raw, solid: smoothed; log scale)",
     "loss_scale.png": "GradScaler loss scale per step and the steps it skipped (precisions with a GradScaler)",
+    "fp8_layers.png": "FP8 per layer: GEMM error vs fp32 per probed epoch, and underflow/saturation at the last",
 }
 QUALITY_FIGURE_KEYS = ("BLEU_4", "ROUGE_L", "CIDEr", "CE_F1")
 EXPERIMENT_FIGURES = {
@@ -174,7 +175,46 @@ def history_figures(run: RunData) -> dict[str, str]:
         names.append("grad_norm.png")
     if scaled_precisions(run):
         names.append("loss_scale.png")
+    if fp8_table_precision(run) is not None:
+        names.append("fp8_layers.png")
     return {n: HISTORY_FIGURES[n] for n in names}
+
+
+def fp8_table_precision(run: RunData) -> str | None:
+    """The first precision with an FP8 layer table that has rows (the one fp8_layers.png shows)."""
+    return next((p for p in run.precisions if run.fp8_layers.get(p, {}).get("rows")), None)
+
+
+FP8_SHARES = (("input_underflow", "input\nunderflow"), ("weight_underflow", "weight\nunderflow"),
+              ("grad_output_underflow", "grad\nunderflow"), ("input_saturation", "input\nsaturation"),
+              ("weight_saturation", "weight\nsaturation"), ("grad_output_saturation", "grad\nsaturation"))
+
+
+def _fp8_layers_figure(run: RunData, path: Path) -> None:
+    p = fp8_table_precision(run)
+    table = run.fp8_layers[p]
+    epochs = table["epochs"]
+    layers = list(dict.fromkeys(r["layer"] for r in table["rows"]))
+    at = {(r["layer"], r["epoch"]): r for r in table["rows"]}
+    error = np.array([[at.get((layer, e), {}).get("gemm_rel_error", math.nan) for e in epochs] for layer in layers])
+    last = max(epochs)
+    shares = np.array([[100 * at.get((layer, last), {}).get(k, math.nan) for k, _ in FP8_SHARES] for layer in layers])
+    fig = Figure(figsize=(12, 1.6 + 0.32 * len(layers)), layout="constrained")
+    left, right = fig.subplots(1, 2, width_ratios=[len(epochs) + 2, len(FP8_SHARES) + 2])
+    for ax, values, cols, title, unit in (
+            (left, error, [f"epoch {e}" for e in epochs], "GEMM relative error vs fp32", "{:.3f}"),
+            (right, shares, [label for _, label in FP8_SHARES], f"elements lost at epoch {last} (%)", "{:.2f}")):
+        image = ax.imshow(values, aspect="auto", cmap="viridis")
+        fig.colorbar(image, ax=ax, shrink=0.8)
+        ax.set_xticks(range(len(cols)), cols, fontsize=7)
+        ax.set_yticks(range(len(layers)), layers if ax is left else [""] * len(layers), fontsize=7)
+        ax.set_title(title, fontsize=9)
+        for (i, j), v in np.ndenumerate(values):
+            ax.text(j, i, unit.format(v) if math.isfinite(v) else "n/a", ha="center", va="center", fontsize=6,
+                    color="white")
+    fig.suptitle(f"{run.label(p)}: FP8 numerics per layer ({table['backend']}, {table['fp8_recipe']} scaling)",
+                 fontsize=10)
+    _save(fig, path)
 
 
 def write_loss_diff_figure(base: dict, work: dict, precisions: Sequence[str], path: Path) -> None:
@@ -210,6 +250,8 @@ def write_precision_figures(run: RunData, directory: Path) -> None:
         _grad_norm_figure(run, directory / "grad_norm.png")
     if "loss_scale.png" in drawn:
         _loss_scale_figure(run, directory / "loss_scale.png")
+    if "fp8_layers.png" in drawn:
+        _fp8_layers_figure(run, directory / "fp8_layers.png")
     _loss_figure(run, directory / "loss_curves.png")
     _bar_figure(run, directory / "throughput.png", {p: train[p].samples_per_s for p in run.precisions},
                 {p: not run.speed_comparable(p) for p in run.precisions}, "numerics only,\nnot speed",

@@ -17,6 +17,7 @@ from r2gen import layout
 from r2gen.compare import labels
 from r2gen.compare.dvclive import Series, read_series
 from r2gen.errors import R2GenError
+from r2gen.fp8_table import read_table
 from r2gen.records import BaselineSummary, EvalSummary, Record, TrainSummary
 
 R = TypeVar("R", bound=Record)
@@ -38,6 +39,8 @@ class RunData:
     grad_norm: dict[str, Series] = field(default_factory=dict)
     loss_scale: dict[str, Series] = field(default_factory=dict)
     skipped_steps: dict[str, Series] = field(default_factory=dict)
+    # dvclive/train/<p>/fp8_layers.json where the run wrote one (fp8 runs; r2gen.fp8_table)
+    fp8_layers: dict[str, dict] = field(default_factory=dict)
 
     def emulated(self, p: str) -> bool:
         return self.train[p].emulated
@@ -69,7 +72,7 @@ def load_run(metrics_dir: Path, live_dir: Path, precisions: Sequence[str]) -> Ru
         R2GenError: a file is missing, unreadable or not the record this version writes (the
             message names it and says to run `dvc repro`).
     """
-    train, evals, step_loss, val_loss = {}, {}, {}, {}
+    train, evals, step_loss, val_loss, fp8 = {}, {}, {}, {}, {}
     steps: dict[str, dict[str, Series]] = {name: {} for name in OPTIONAL_STEP_HISTORIES}
     for p in precisions:
         train[p] = _load(TrainSummary, layout.train_summary(p, metrics_dir), p)
@@ -79,8 +82,10 @@ def load_run(metrics_dir: Path, live_dir: Path, precisions: Sequence[str]) -> Ru
         val_loss[p] = read_series(layout.epoch_history(run, "val_loss"), required=False)
         for name in OPTIONAL_STEP_HISTORIES:
             steps[name][p] = read_series(layout.step_history(run, name), required=False)
+        if layout.fp8_layers(run).is_file():
+            fp8[p] = read_table(layout.fp8_layers(run))
     baseline = _load(BaselineSummary, layout.baseline_summary(metrics_dir), None)
-    return RunData(tuple(precisions), train, evals, baseline, step_loss, val_loss, **steps)
+    return RunData(tuple(precisions), train, evals, baseline, step_loss, val_loss, **steps, fp8_layers=fp8)
 
 
 def _load(cls: type[R], path: Path, precision: str | None) -> R:

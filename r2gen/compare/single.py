@@ -18,6 +18,7 @@ from r2gen import layout
 from r2gen.compare import fmt
 from r2gen.compare.derived import VsFp32, known, vs_fp32
 from r2gen.compare.figures import HISTORY_FIGURES, PRECISION_FIGURES, history_figures, write_precision_figures
+from r2gen.compare.instruments import fp8_section, mfu_section
 from r2gen.compare.labels import SPEED_FLAG
 from r2gen.compare.runs import RunData
 from r2gen.compare.single_findings import conclusions
@@ -251,11 +252,13 @@ def render_markdown(run: RunData, headline: str) -> str:
         "## Conclusions", "\n".join(f"- {c}" for c in conclusions(run, derived)),
         "## Environment", _environment(run),
         "## Training efficiency", _efficiency(run, derived),
+        "### Model FLOPs utilisation", mfu_section(run),
         "## Memory", _memory(run, derived),
         f"## Quality\n\n### Report quality on the test split ({fmt.text(n)} studies) against "
         f"{'/'.join(sorted({e.references for e in run.eval.values()}))} references", _quality(run, derived),
         "### Losses and numerical stability", _stability(run, derived),
         "### Gradient norm and loss scale", _gradients(run),
+        "### FP8 per-layer numerics", fp8_section(run),
         "## Figures", _figures(run),
         "## Definitions", "\n".join(f"- {d}" for d in _definitions(run)),
     ]

@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 import r2gen
+from r2gen import fp8_stats, fp8_table, layout
 from r2gen import precision as prec
 from r2gen.checkpoint import save_model
 from r2gen.config import TrainSpec
@@ -46,6 +47,8 @@ from r2gen.tokenizer import Tokenizer
 from r2gen.training.batchsize import BatchChoice, choose_batch
 from r2gen.training.live import LiveLogger, NullLogger, monitor_system_on, open_history
 from r2gen.training.load import HostLoad
+from r2gen.training import mfu
+from r2gen.training.mfu import Peak
 from r2gen.training.memory import peak_memory, reset_peak, rss_bytes
 from r2gen.training.state import (TrainState, Trainables, config_fingerprint, load_resumable, restore_checkpoint,
                                   save_checkpoint, seed_everything)
@@ -92,6 +95,10 @@ class Run:
     consecutive_nonfinite: int = 0  # steps without an update in a row (not checkpointed)
     fp8_verified: bool = False  # the first full step of this process was checked to run in FP8
     monitor_system: bool = False  # dvclive samples system metrics (train.common.monitor_system resolved)
+    flops_per_sample: float = 0.0  # model FLOPs of one training sample (r2gen.training.mfu)
+    peak: Peak | None = None  # what MFU is measured against; None where the run is not a speed measurement
+    fp8_layers: dict = field(default_factory=dict)  # name -> converted Linear, observed by the FP8 layer probe
+    fp8_rows: list = field(default_factory=list)  # the probe's rows so far (written to fp8_layers.json)
     # Other processes' CPU time while the epochs ran (this process's segment only: not checkpointed).
     load: HostLoad = field(default_factory=HostLoad)
 
@@ -116,7 +123,9 @@ def train(spec: TrainSpec, paths: TrainPaths) -> TrainSummary:
     device = world.device(prec.select_device(spec.common.device))
     with deterministic_kernels(spec.common.deterministic), world.joined(device) as ddp_backend:
         run = setup(spec, paths, world, device, ddp_backend)
-        run.monitor_system = monitor_system_on(spec.common.monitor_system, run.plan.describe()["speed_comparable"])
+        speed_comparable = run.plan.describe()["speed_comparable"]
+        run.monitor_system = monitor_system_on(spec.common.monitor_system, speed_comparable)
+        instrument(run, speed_comparable)
         with open_history(paths.live_dir, run.resume_step, system_monitor=run.monitor_system,
                           enabled=world.is_main) as history:
             baseline_rss = rss_bytes()
@@ -236,6 +245,33 @@ def _build(spec: TrainSpec, plan: prec.PrecisionPlan, world: World, vocab_size: 
     return Trainables(model, optimizer, scheduler, scaler, batch_gen), conversion
 
 
+def instrument(run: Run, speed_comparable: bool) -> None:
+    """Count the model FLOPs, measure the peak (speed measurements only), and arm the FP8 layer probe."""
+    spec = run.spec
+    run.flops_per_sample = mfu.model_flops_per_sample(spec.model, run.tokenizer.vocab_size, spec.data.views,
+                                                      spec.data.image_size, mfu.median_length(run.train_batches.labels))
+    if speed_comparable:
+        run.peak = mfu.measure_peak(run.plan, run.plan.describe()["device_name"])
+    log.info("model FLOPs: %.3g per training sample%s", run.flops_per_sample,
+             f" | peak {run.peak.tflops:.3g} TFLOP/s {run.peak.dtype} ({run.peak.source})"
+             if run.peak and run.peak.tflops else "")
+    if run.plan.precision != "fp8":
+        return
+    run.fp8_layers = {name: run.parts.model.get_submodule(name) for name in run.conversion["converted"]}
+    path = layout.fp8_layers(run.paths.live_dir)
+    if run.resume_step is None or not path.exists():
+        path.unlink(missing_ok=True)
+    else:  # a resumed run keeps the rows of the epochs it finished
+        run.fp8_rows = [r for r in fp8_table.read_table(path)["rows"] if r["epoch"] <= run.state.epoch]
+
+
+def record_fp8_layers(run: Run, epoch: int, probe: fp8_stats.Fp8LayerProbe) -> None:
+    """Append the probed step's rows and rewrite ``fp8_layers.json`` (rank 0)."""
+    run.fp8_rows += [{"epoch": epoch + 1, "step": run.state.step, **row} for row in probe.rows()]
+    if run.world.is_main:
+        fp8_table.write_table(layout.fp8_layers(run.paths.live_dir), run.fp8_rows, run.plan.describe())
+
+
 # ---------------------------------------------------------------------------------------- the loop
 def run_epoch(run: Run, epoch: int, history: LiveLogger | NullLogger) -> float:
     """One pass over the training batches; returns the epoch's sample-weighted mean train loss."""
@@ -245,14 +281,19 @@ def run_epoch(run: Run, epoch: int, history: LiveLogger | NullLogger) -> float:
                mininterval=5, disable=None if run.world.is_main else True)
     run.load.start()
     t0 = time.perf_counter()  # a step's time includes assembling its batch
-    for images, labels in bar:
-        result = train_step(run.model, images, labels, run.parts.optimizer, run.parts.scaler, run.plan,
-                            common.grad_clip_value, world=run.world)
+    probe_epoch = bool(run.fp8_layers) and epoch in fp8_stats.probe_epochs(common.epochs)
+    for i, (images, labels) in enumerate(bar):
+        probe = fp8_stats.Fp8LayerProbe(run.fp8_layers, run.plan.fp8_recipe) if probe_epoch and i == 0 else None
+        with probe or contextlib.nullcontext():
+            result = train_step(run.model, images, labels, run.parts.optimizer, run.parts.scaler, run.plan,
+                                common.grad_clip_value, world=run.world)
         if run.device.type == "cuda":
             torch.cuda.synchronize(run.device)
         t1 = time.perf_counter()
         dt, t0 = t1 - t0, t1
-        _count_step(run, result, dt)
+        _count_step(run, result, dt, timed=probe is None)  # the probed step's hooks cost time: not timed
+        if probe is not None:
+            record_fp8_layers(run, epoch, probe)
         if result.finite:
             epoch_loss += result.loss * result.samples
             epoch_n += result.samples
@@ -262,14 +303,14 @@ def run_epoch(run: Run, epoch: int, history: LiveLogger | NullLogger) -> float:
     return epoch_loss / max(epoch_n, 1)
 
 
-def _count_step(run: Run, result: StepResult, dt: float) -> None:
+def _count_step(run: Run, result: StepResult, dt: float, timed: bool = True) -> None:
     """Update the counters with one step; too many steps in a row without an update stop the run."""
     common, state = run.spec.common, run.state
     state.step += 1
     if result.finite and not run.fp8_verified:  # the first full step of this process really ran in FP8
         prec.verify_fp8(run.parts.model, run.plan)
         run.fp8_verified = True
-    if state.step > common.warmup_steps:
+    if timed and state.step > common.warmup_steps:
         state.timed_samples += result.samples  # global samples: the whole DDP step
         state.timed_seconds += dt
     state.wall_seconds += dt
@@ -334,6 +375,7 @@ def summarize(run: Run, baseline_rss: int) -> TrainSummary:
     common, choice = spec.common, run.choice
     peak, total, peak_kind = peak_memory(run.device)
     environment = {k: v for k, v in run.plan.describe().items() if k != "precision"}
+    samples_per_s = state.timed_samples / state.timed_seconds if state.timed_seconds else None
     return TrainSummary(
         precision=spec.precision,
         **environment,
@@ -358,10 +400,12 @@ def summarize(run: Run, baseline_rss: int) -> TrainSummary:
         deterministic=common.deterministic,
         train_loss=state.epoch_losses[-1],
         val_loss=state.val_losses[-1] if state.val_losses else None,
-        samples_per_s=state.timed_samples / state.timed_seconds if state.timed_seconds else None,
+        samples_per_s=samples_per_s,
         train_seconds=state.wall_seconds,
         # Under DDP the other ranks are other processes too: the share would read as load, so none is recorded.
         other_cpu_share=None if world.distributed else run.load.other_share,
+        **mfu.utilisation(run.flops_per_sample, samples_per_s, run.peak, environment["speed_comparable"],
+                          environment["note"]),
         peak_memory_bytes=peak,
         peak_memory_fraction=peak / total,
         peak_memory_kind=peak_kind + (f" (rank 0 of {world.size})" if world.distributed else ""),
