@@ -15,7 +15,7 @@
    the same device.
 
 Writes ``<out>/gpu_check.json`` and ``<out>/gpu_check.md`` (``--out`` default: ``$OUT`` when set,
-else ``reports/gpu``). A CPU run is labelled "numerics only: not a GPU measurement" everywhere;
+else ``reports/gpu`` on cuda and ``bench-results/gpu-check-cpu`` on cpu). A CPU run is labelled "numerics only: not a GPU measurement" everywhere;
 every part says whether it ran, and why not.
 """
 
@@ -79,8 +79,8 @@ def machine(device: torch.device) -> dict:
                                                                if device.type == "cuda" else "CPU: no peak table")}
 
 
-def measure_precision(size, precision: str, device: torch.device, seed: int, deadline: float) -> dict:
-    """Equal batch (timed, then profiled), then the largest batch that fits (timed) for one precision."""
+def equal_batch(size, precision: str, device: torch.device, seed: int) -> dict:
+    """One precision at the equal batch: timed steps, then a profile of a few more."""
     from benchmarks import gpu_bench, gpu_profile
 
     runner = gpu_bench.Runner(size, precision, device, seed)
@@ -88,15 +88,29 @@ def measure_precision(size, precision: str, device: torch.device, seed: int, dea
            "fp8_layers": {k: runner.conversion[k] for k in ("linear_converted", "linear_total")}}
     row["equal"] = runner.timed(size.batch, size.warmup, size.steps)
     row["profile"] = gpu_profile.profile_steps(runner, size.batch, size.profile_steps)
-    if time.monotonic() > deadline:
-        row["max"] = {"ran": False, "why": "out of the check's time budget"}
-        return row
-    search = gpu_bench.largest_batch(runner)
-    row["max"] = {"ran": True, "search": search, **runner.timed(search["batch"], 1, size.max_steps)}
-    del runner
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return row
+
+
+def largest_batch(size, precision: str, device: torch.device, seed: int) -> dict:
+    """One precision, a fresh model: the largest batch that fits, and a few timed steps there."""
+    from benchmarks import gpu_bench
+
+    runner = gpu_bench.Runner(size, precision, device, seed)
+    search = gpu_bench.largest_batch(runner)
+    return {"ran": True, "search": search, **runner.timed(search["batch"], 1, size.max_steps)}
+
+
+def _guarded(errors: dict, key: str, device: torch.device, fn, *args):
+    """``fn(*args)``, or None with the error recorded: one precision failing must not hide the others' figures."""
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001
+        errors[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        errors[key + "_traceback"] = traceback.format_exc()[-2000:]
+        return None
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def derive(rows: dict, flops_per_sample: float | None, peaks: dict | None, measured: dict) -> None:
@@ -131,33 +145,37 @@ def benchmark(size, device: torch.device, seed: int, deadline: float, info: dict
     part["flops_note"] = ("training step (forward + backward) of the fp32 model, torch.utils.flop_counter: matmuls, "
                           "convolutions, attention; the same model FLOPs are used for every precision")
     part["matmul_tflops"] = gpu_bench.matmul_peaks(size, device)
-    for p in PRECISIONS:
+    rows, errors = part["rows"], part["errors"]
+    for p in PRECISIONS:  # every precision at the equal batch first: the largest batch only as time allows
         if time.monotonic() > deadline:
-            part["errors"][p] = "not run: out of the check's time budget"
-            continue
-        try:
-            part["rows"][p] = measure_precision(size, p, device, seed, deadline)
-        except Exception as exc:  # noqa: BLE001 - one precision failing must not hide the others' figures
-            part["errors"][p] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            part["errors"][p + "_traceback"] = traceback.format_exc()[-2000:]
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            errors[p] = "not run: out of the check's time budget"
+        elif (row := _guarded(errors, p, device, equal_batch, size, p, device, seed)) is not None:
+            rows[p] = row
+    for p in rows:
+        if time.monotonic() > deadline:
+            rows[p]["max"] = {"ran": False, "why": "out of the check's time budget"}
+        else:
+            rows[p]["max"] = _guarded(errors, f"{p} (largest batch)", device, largest_batch, size, p, device, seed) \
+                or {"ran": False, "why": errors.get(f"{p} (largest batch)")}
     derive(part["rows"], part["flops_per_sample"], info["datasheet_peak_tflops"], part["matmul_tflops"])
     return part
 
 
-def default_out() -> Path:
-    return Path(os.environ["OUT"]) if os.environ.get("OUT") else Path("reports/gpu")
+def default_out(device: str) -> Path:
+    """$OUT (the device tool's folder) when set, else reports/gpu for a GPU run; a CPU run never writes there."""
+    if os.environ.get("OUT"):
+        return Path(os.environ["OUT"])
+    return Path("reports/gpu") if device == "cuda" else Path("bench-results/gpu-check-cpu")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--size", choices=("paper", "tiny"), default=None, help="default: paper on cuda, tiny on cpu")
-    parser.add_argument("--out", type=Path, default=None, help="default: $OUT when set, else reports/gpu")
+    parser.add_argument("--out", type=Path, default=None, help="default: $OUT when set, else reports/gpu (cuda) or bench-results/gpu-check-cpu (cpu)")
     parser.add_argument("--seed", type=int, default=9223)
-    parser.add_argument("--budget-seconds", type=float, default=450.0,
-                        help="whole check; parts that would start after it are skipped and say so (default 450)")
+    parser.add_argument("--budget-seconds", type=float, default=420.0,
+                        help="whole check; parts that would start after it are skipped and say so (default 420)")
     parser.add_argument("--e2e-epochs", type=int, default=1)
     parser.add_argument("--skip-e2e", action="store_true", help="benchmark only (recorded as skipped on request)")
     return parser.parse_args(argv)
@@ -172,8 +190,9 @@ def run_check(args: argparse.Namespace) -> dict:
     print(imports["line"], flush=True)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"gpu-check: --device cuda but torch {torch.__version__} sees no CUDA device "
-                         f"(built with CUDA {torch.version.cuda}); run `make gpu-check DEVICE=cpu` for the CPU check")
+        print(f"gpu-check: --device cuda but torch {torch.__version__} sees no CUDA device (built with CUDA "
+              f"{torch.version.cuda}); run `make gpu-check DEVICE=cpu` for the CPU check", file=sys.stderr)
+        raise SystemExit(2)
     size = gpu_bench.SIZES[args.size or ("paper" if device.type == "cuda" else "tiny")]
     label = ("GPU measurement" if device.type == "cuda"
              else "numerics only: not a GPU measurement (CPU run of the same script at a tiny size)")
@@ -197,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.gpu_table import render
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    args.out = args.out or default_out()
+    args.out = args.out or default_out(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     record = run_check(args)
     (args.out / "gpu_check.json").write_text(json.dumps(record, indent=1, default=str) + "\n", encoding="utf-8")

@@ -31,10 +31,15 @@ STAGE_IMPORTS = {"train": ("dvclive", "tqdm"), "evaluate": ("pycocoevalcap", "tq
 def params_override(device: str, epochs: int, tiny: bool) -> dict:
     """Params for a short run on ``device``: one epoch, no METEOR (its jar is not carried, Java may be absent)."""
     common = {"device": device, "epochs": epochs, "log_every": 5, "warmup_steps": 1}
-    evaluate = {"meteor": False}
-    if tiny:  # the CPU test: a short greedy search keeps evaluate to seconds
-        evaluate.update(num_beams=1, max_new_tokens=8)
-    return {"train": {"common": common}, "evaluate": evaluate}
+    override = {"train": {"common": common}, "evaluate": {"meteor": False}}
+    if tiny:  # the CPU test: a smaller model on smaller images and a short greedy search, seconds per stage
+        override["data"] = {"image_size": 32}
+        override["tokenizer"] = {"max_seq_length": 24}
+        override["model"] = {"d_model": 32, "d_ff": 32, "num_layers": 1, "rm_d_model": 32}
+        for p in ("fp32", "fp16", "bf16", "fp8"):
+            override["train"][p] = {"batch_size": 64}  # 4 steps per epoch on the 210 sample studies
+        override["evaluate"].update(num_beams=1, max_new_tokens=8)
+    return override
 
 
 def _merge(base: dict, extra: dict) -> dict:
