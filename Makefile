@@ -78,8 +78,10 @@ gpu-check:
 
 # The wheels the GPU machine lacks for the check's pipeline part (dvclive and what it imports, a slim
 # pycocoevalcap), for CPython 3.12 x86_64, into .gpu-wheels/ (gitignored; ~3.4 MiB). Needs PyPI.
+# WHEELS_EXTRA='torchao==X' adds more (torchao: a release built for the device's torch, 2.11 on our H200).
+WHEELS_EXTRA ?=
 gpu-wheels: setup
-	$(ACTIVATE) && python -m benchmarks.gpu_wheels --dest .gpu-wheels
+	$(ACTIVATE) && python -m benchmarks.gpu_wheels --dest .gpu-wheels $(foreach w,$(WHEELS_EXTRA),--extra $(w))
 
 # Removes the DVC-cached outputs (rebuilt by `dvc repro` or `dvc checkout`); the committed
 # baseline (metrics/, reports/, dvclive/, checkpoints/*/status.json) stays.

@@ -168,6 +168,8 @@ def largest_batch(runner: Runner) -> dict:
         except torch.OutOfMemoryError as exc:
             failure = (str(exc).splitlines() or ["CUDA out of memory"])[0][:200]
         runner._pool = {}
+        if failure is not None:  # an OOM between unscale_ and update would leave the scaler refusing the next step
+            runner.scaler = runner.plan.grad_scaler()
         if cuda:
             torch.cuda.empty_cache()  # outside the handler: its traceback would keep the step's tensors
         if failure is not None:

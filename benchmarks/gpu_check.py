@@ -22,6 +22,7 @@ every part says whether it ran, and why not.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import importlib.util
 import json
@@ -204,6 +205,9 @@ def run_check(args: argparse.Namespace) -> dict:
         record["benchmark"] = benchmark(size, device, args.seed, start + 0.65 * args.budget_seconds,
                                         record["machine"])
     print(f"benchmark done after {time.monotonic() - start:.0f} s", flush=True)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the stages are other processes on the same GPU
     if args.skip_e2e:
         record["e2e"] = {"ran": False, "why": "--skip-e2e given"}
     else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 PARTS = ("visual", "att_embed", "encoder", "rm", "decoder_layers", "logit")  # attributes of R2Gen
@@ -71,13 +72,19 @@ def profile_steps(runner, batch: int, steps: int, top: int = 15) -> dict:
     def total_us(e) -> float:
         return _time_us(e, "DEV_time_total") if cuda else float(e.cpu_time_total)
 
-    ops = [e for e in events if not e.key.startswith(RANGE_PREFIX)]
-    whole = sum(self_us(e) for e in ops) or 1.0
+    host = [e for e in events if e.device_type == DeviceType.CPU]
+    ops = [e for e in host if not e.key.startswith(RANGE_PREFIX)]
+    # On CUDA the kernels are events of their own (device type CUDA) and their launching operators carry
+    # the same time as self device time: the step's GPU time is the kernels' sum, not the operators'.
+    kernels = [e for e in events if e.device_type != DeviceType.CPU and not e.key.startswith(RANGE_PREFIX)]
+    whole = sum(self_us(e) for e in (kernels if cuda and kernels else ops)) or 1.0
     ranked = sorted(ops, key=self_us, reverse=True)[:top]
-    parts = sorted((e for e in events if e.key.startswith(RANGE_PREFIX)), key=total_us, reverse=True)
+    parts = sorted((e for e in host if e.key.startswith(RANGE_PREFIX)), key=total_us, reverse=True)
     return {
         "clock": "self CUDA time" if cuda else "self CPU time (not a GPU measurement)",
         "steps": steps, "batch": batch, "total_ms_per_step": whole / 1000 / steps,
+        "top_kernels": [{"name": e.key, "ms_per_step": self_us(e) / 1000 / steps, "share": self_us(e) / whole}
+                        for e in sorted(kernels, key=self_us, reverse=True)[:top]] if cuda else [],
         "top_operators": [{"name": e.key, "ms_per_step": self_us(e) / 1000 / steps, "share": self_us(e) / whole,
                            "calls_per_step": e.count / steps} for e in ranked],
         "forward_parts": [{"name": e.key.removeprefix(RANGE_PREFIX), "ms_per_step": total_us(e) / 1000 / steps,

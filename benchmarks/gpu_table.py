@@ -76,6 +76,9 @@ def profile_tables(bench: dict, top: int = 8) -> list[str]:
                 "| operator | ms/step | share | calls/step |", "|---|---|---|---|"]
         out += [f"| `{o['name'][:70]}` | {_f(o['ms_per_step'], '.2f')} | {_pct(o['share'])} | {_f(o['calls_per_step'], '.0f')} |"
                 for o in prof["top_operators"][:top]]
+        if prof.get("top_kernels"):
+            out += ["", "Top kernels: " + "; ".join(f"`{k['name'][:60]}` {_f(k['ms_per_step'], '.2f')} ms ({_pct(k['share'])})"
+                                               for k in prof["top_kernels"][:5])]
         out += ["", "Forward passes by model part: " + ", ".join(
             f"{q['name']} {_f(q['ms_per_step'], '.2f')} ms ({_pct(q['share'])})" for q in prof["forward_parts"]), ""]
     return ["## Profile", ""] + out if out else []

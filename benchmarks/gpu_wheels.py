@@ -1,6 +1,7 @@
 """Build ``.gpu-wheels/``: the wheels the GPU machine lacks for the end-to-end part of ``make gpu-check``.
 
     python -m benchmarks.gpu_wheels            # make gpu-wheels: download here (needs PyPI), list sizes
+    python -m benchmarks.gpu_wheels --extra torchao==X   # also a torchao built for the device's torch (2.11)
     # on the device, before the check (README, "GPU check"):
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu-wheels/*.whl
 
@@ -69,12 +70,15 @@ def slim_wheel(wheel: Path) -> Path:
     return out
 
 
-def build(dest: Path) -> dict:
+def build(dest: Path, extra: list[str] = ()) -> dict:
+    """Download the wheels (plus ``extra`` requirement specs, e.g. a torchao for the device's torch) into ``dest``."""
     dest.mkdir(parents=True, exist_ok=True)
     for old in dest.glob("*.whl"):
         old.unlink()
     for name in DISTRIBUTIONS:
         download(f"{name}=={md.version(name)}", dest)
+    for spec in extra:
+        download(spec, dest)
     download(f"{SLIMMED}=={md.version(SLIMMED)}", dest)
     slim_wheel(next(dest.glob(f"{SLIMMED}-*.whl")))
     sizes = {w.name: w.stat().st_size for w in sorted(dest.glob("*.whl"))}
@@ -88,8 +92,10 @@ def build(dest: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_wheels", description=__doc__.splitlines()[0])
     parser.add_argument("--dest", type=Path, default=Path(".gpu-wheels"))
+    parser.add_argument("--extra", action="append", default=[], metavar="SPEC",
+                        help="another wheel to carry, e.g. --extra torchao==X (a release built for the device's torch 2.11)")
     args = parser.parse_args(argv)
-    manifest = build(args.dest)
+    manifest = build(args.dest, args.extra)
     for name, size in manifest["wheels"].items():
         print(f"{size / 2**20:7.2f} MiB  {name}")
     total = manifest["total_bytes"]
