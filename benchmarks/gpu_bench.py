@@ -113,13 +113,15 @@ class Runner:
         _synchronize(self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        losses, start = [], time.perf_counter()
+        losses, marks = [], [time.perf_counter()]
         for _ in range(steps):
             losses.append(self.step(*next(feed)))  # float(loss): one host sync per step, as in training
+            marks.append(time.perf_counter())
         _synchronize(self.device)
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - marks[0]
         return {"batch": batch, "warmup_steps": warmup, "timed_steps": steps, "seconds": seconds,
                 "samples_per_s": batch * steps / seconds, "step_ms": 1000 * seconds / steps,
+                "step_ms_each": [1000 * (b - a) for a, b in zip(marks, marks[1:])],
                 "warmup_losses": warm, "losses": losses, "final_loss": losses[-1], **memory(self.device)}
 
 

@@ -110,6 +110,7 @@ def _guarded(errors: dict, key: str, device: torch.device, fn, *args):
         errors[key + "_traceback"] = traceback.format_exc()[-2000:]
         return None
     finally:
+        gc.collect()  # the runner's model, optimizer and pool, before the next precision measures its memory
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -130,6 +131,10 @@ def derive(rows: dict, flops_per_sample: float | None, peaks: dict | None, measu
             run["ratio_vs_fp32"] = run["samples_per_s"] / ref if ref else None
             sps = run["samples_per_s"] * flops_per_sample if flops_per_sample else None
             run["model_tflops"] = sps / 1e12 if sps else None
+            if not row["plan"].get("speed_comparable", True):  # emulated fp8 (or fp16/bf16 on a CPU): not that speed
+                run["mfu_datasheet"] = run["mfu_measured_gemm"] = None
+                run["mfu_note"] = f"n/a: {row['plan'].get('note') or 'speed not comparable'}"
+                continue
             peak = (peaks or {}).get(p)
             run["mfu_datasheet"] = flops.mfu(flops_per_sample or 0, run["samples_per_s"], peak)
             run["mfu_measured_gemm"] = flops.mfu(flops_per_sample or 0, run["samples_per_s"],
@@ -198,6 +203,7 @@ def run_check(args: argparse.Namespace) -> dict:
     label = ("GPU measurement" if device.type == "cuda"
              else "numerics only: not a GPU measurement (CPU run of the same script at a tiny size)")
     record = {"label": label, "imports": imports, "machine": machine(device), "started": time.time()}
+    record["machine"]["torchao"] = imports["modules"].get("torchao")  # None: absent
     if imports["missing"]["benchmark"]:
         record["benchmark"] = {"ran": False, "why": "missing modules: " + ", ".join(imports["missing"]["benchmark"])}
     else:

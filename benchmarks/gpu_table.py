@@ -71,7 +71,7 @@ def profile_tables(bench: dict, top: int = 8) -> list[str]:
         prof = row.get("profile")
         if not prof:
             continue
-        out += [f"### Where the time goes: {p} ({prof['clock']}, batch {prof['batch']}, "
+        out += ["", f"### Where the time goes: {p} ({prof['clock']}, batch {prof['batch']}, "
                 f"{_f(prof['total_ms_per_step'], '.1f')} ms per step)", "",
                 "| operator | ms/step | share | calls/step |", "|---|---|---|---|"]
         out += [f"| `{o['name'][:70]}` | {_f(o['ms_per_step'], '.2f')} | {_pct(o['share'])} | {_f(o['calls_per_step'], '.0f')} |"
@@ -81,7 +81,7 @@ def profile_tables(bench: dict, top: int = 8) -> list[str]:
                                                for k in prof["top_kernels"][:5])]
         out += ["", "Forward passes by model part: " + ", ".join(
             f"{q['name']} {_f(q['ms_per_step'], '.2f')} ms ({_pct(q['share'])})" for q in prof["forward_parts"]), ""]
-    return ["## Profile", ""] + out if out else []
+    return ["## Profile"] + out + [""] if out else []
 
 
 def e2e_lines(e2e: dict) -> list[str]:
