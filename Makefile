@@ -27,7 +27,7 @@ data: setup
 	@$(ACTIVATE) && dvc pull -q data.dvc && echo "data/ ready: $$(du -sh data | cut -f1)"
 
 repro: data
-	$(ACTIVATE) && dvc repro
+	$(ACTIVATE) && r2gen check-params params.yaml && dvc repro
 
 test: data
 	$(ACTIVATE) && python -m pytest -q --durations=15 $(PYTEST_ARGS)

@@ -1,4 +1,4 @@
-"""The `r2gen` command: generate, info, check-data, sample-data.
+"""The `r2gen` command: generate, info, check-data, check-metrics, check-params, exp-report, sample-data.
 
 User mistakes print one line (``error: ...``) and exit with status 2; ``--verbose`` shows the traceback.
 """
@@ -24,7 +24,8 @@ MAX_SAMPLE_STUDIES = 100_000  # sample-data: 100k studies at 128 px is already g
 MAX_SAMPLE_SIZE = 2048  # sample-data px: the top of data.image_size's range (r2gen.config.RANGES)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `r2gen` argument parser: one subcommand per task, each bound to its ``cmd_*`` function."""
     parser = argparse.ArgumentParser(prog="r2gen", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"r2gen-precision {r2gen.__version__}")
     parser.add_argument("--verbose", action="store_true", help="show tracebacks")
@@ -59,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     m = sub.add_parser("check-metrics", help="gate: compare workspace metrics with a baseline revision")
     m.add_argument("--base", default="HEAD", help="git revision holding the baseline metrics (default HEAD)")
     m.add_argument("--gate", type=Path, default=Path(layout.GATE), help="tolerances per metric")
+    m.add_argument("--md", type=Path, nargs="?", const=Path(layout.METRICS_DIFF), default=None, metavar="PATH",
+                   help=f"also write the verdict as a markdown PR comment (default {layout.METRICS_DIFF}) with the "
+                        "loss-curve diff figure beside it; the terminal output is unchanged")
     m.set_defaults(func=cmd_check_metrics)
 
     e = sub.add_parser("exp-report", help="multi-seed comparison of a DVC experiment grid (README: Seeds, batch sizes)")
@@ -77,7 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--image-size", type=int, default=128)
     s.set_defaults(func=cmd_sample_data)
 
-    args = parser.parse_args(argv)
+    k = sub.add_parser("check-params", help="validate params.yaml as every stage reads it (`make repro` runs it before DVC)")
+    k.add_argument("path", type=Path, nargs="?", default=Path("params.yaml"))
+    k.set_defaults(func=cmd_check_params)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     _tolerant_stdout()
     try:
         return args.func(args) or 0
@@ -149,6 +160,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
+    from r2gen import precision as prec
     from r2gen.checkpoint import build_model, load_model_file
     from r2gen.data.images import load_view
     from r2gen.tokenizer import Tokenizer
@@ -170,6 +182,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise R2GenError("--device cuda was given but no CUDA device is usable here; use --device cpu")
     device = torch.device(args.device)
+    prec.set_fp32_numerics(device)  # as the evaluate stage: fp32 means IEEE fp32 (no TF32 convs on CUDA)
     model = build_model(ckpt, args.checkpoint).to(device)
     positions = model.embed.pe.shape[0]  # the decoder's positional table bounds the report length
     max_tokens = args.max_new_tokens if args.max_new_tokens is not None else tokenizer.max_seq_length
@@ -301,7 +314,7 @@ def cmd_check_metrics(args: argparse.Namespace) -> int:
     import shutil
     import subprocess
 
-    from r2gen.gate import evaluate, load_rules, stated_reasons
+    from r2gen.gate import evaluate, load_rules, stated_reasons, summary_line
     from r2gen.io import read_yaml
 
     raw = read_yaml(args.gate, what="gate file", fix="run from the repository root or pass --gate FILE")
@@ -321,12 +334,38 @@ def cmd_check_metrics(args: argparse.Namespace) -> int:
     checks = evaluate(diff, precisions, rules, stated_reasons(rules, precisions))
     for check in checks:
         emit(check.line())
-    failed = [c for c in checks if not c.ok]
-    skipped = [c for c in checks if c.skipped]
-    emit(f"{len(checks) - len(failed) - len(skipped)}/{len(checks)} metrics within tolerance of {args.base}"
-          + (f"; {len(skipped)} skipped (reason on each line)" if skipped else "")
-          + (f"; {len(failed)} FAILED" if failed else ""))
-    return 1 if failed else 0
+    emit(summary_line(checks, args.base))
+    if args.md is not None:
+        _write_metrics_md(args.md, checks, args.base, precisions)
+    return 1 if any(not c.ok for c in checks) else 0
+
+
+def _write_metrics_md(path: Path, checks: list, base: str, precisions: list[str]) -> None:
+    """``check-metrics --md``: the gate's table and the loss-curve diff (baseline from git, workspace files)."""
+    import subprocess
+
+    from r2gen.compare.loss_diff import load_losses, loss_diff_markdown
+    from r2gen.gate import render_markdown
+    from r2gen.io import write_text
+
+    def from_base(rel: str) -> str | None:
+        proc = subprocess.run(["git", "show", f"{base}:{rel}"], capture_output=True, text=True)
+        return proc.stdout if proc.returncode == 0 else None
+
+    def from_workspace(rel: str) -> str | None:
+        return Path(rel).read_text(encoding="utf-8") if Path(rel).is_file() else None
+
+    figure = layout.metrics_diff_figure(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.unlink(missing_ok=True)  # a figure of an earlier run must not pass for this one
+        losses = loss_diff_markdown(load_losses(from_base, precisions), load_losses(from_workspace, precisions),
+                                    precisions, base, figure)
+        write_text(path, render_markdown(checks, base, losses))
+    except OSError as exc:
+        raise R2GenError(f"cannot write the metrics diff {path}: {exc.strerror or exc}; "
+                         "pass --md PATH in a writable folder") from None
+    emit(f"markdown: {path}" + (f" (figure {figure})" if figure.exists() else ""))
 
 
 def cmd_exp_report(args: argparse.Namespace) -> int:
@@ -400,6 +439,28 @@ def cmd_sample_data(args: argparse.Namespace) -> int:
             raise R2GenError(f"sample-data {flag} {shown} is too large: use at most {most:,}")
     summary = generate_sample(args.out, args.studies, args.seed, layout=args.layout, image_size=args.image_size)
     emit(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_check_params(args: argparse.Namespace) -> int:
+    """Every section and every precision's train spec, with the loader the stages use.
+
+    DVC parses params.yaml itself before any stage runs, with none of our checks: a YAML alias bomb
+    costs it about a minute and ends in DVC's own "unexpected error". This check refuses such a file
+    (and any other invalid value) in under a second, so `make repro` runs it first.
+    """
+    from r2gen.config import PRECISIONS, Params, TrainSpec
+    from r2gen.data.datasets import shown
+    from r2gen.errors import ConfigError
+    from r2gen.io import read_yaml
+
+    raw = read_yaml(args.path, what="params file", error=ConfigError,
+                    fix="run from the repository root (where params.yaml is) or name the file")
+    params = Params.from_dict(raw, source=str(args.path))
+    for precision in PRECISIONS:
+        TrainSpec.of(params, precision)
+    emit(f"{shown(str(args.path))}: valid (precision {params.precision}; train sections for "
+         f"{', '.join(PRECISIONS)})")
     return 0
 
 

@@ -20,10 +20,12 @@ from r2gen.io import shorten
 
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "fp8")
 DATASETS: tuple[str, ...] = ("iu_xray", "mimic_cxr")
-BACKENDS: tuple[str, ...] = ("auto", "native", "te", "emulated")
+BACKENDS: tuple[str, ...] = ("auto", "native", "te", "torchao", "emulated")
 FP8_RECIPES: tuple[str, ...] = ("delayed", "current")
 BATCH_MODES: tuple[str, ...] = ("configured", "equal", "max")
 LR_SCALING: tuple[str, ...] = ("sqrt", "linear", "none")
+REFERENCES: tuple[str, ...] = ("truncated", "full")  # evaluate.references
+MONITOR_SYSTEM: tuple[str, ...] = ("auto", "on", "off")
 VISUAL_EXTRACTORS: tuple[str, ...] = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 # Views per study in each dataset layout (R2Gen: IU X-Ray stacks frontal + lateral, MIMIC uses one).
@@ -249,11 +251,19 @@ class TrainCommon:
     # same for every precision (same optimizer steps); max: the largest batch within memory_budget_gb,
     # found by a probe (r2gen/training/batchsize.py), learning rates rescaled from train.<p>.batch_size by lr_scaling.
     batch_mode: str = "configured"
-    memory_budget_gb: float | None = None  # max mode; null: 90% of the GPU's memory or of the RAM available
+    memory_budget_gb: float | None = None  # max mode; null: 90% of the free GPU memory or of the RAM available
     lr_scaling: str = "sqrt"  # max mode: sqrt | linear | none (see r2gen.training.batchsize.scaled_lr)
+    # dvclive's system metrics (CPU, RAM, disk, GPU): a sampling thread in the training process that
+    # competes for the GIL. auto: on only where samples/s is no speed measurement anyway (emulated
+    # fp8, fp16 on CPU); on | off. Recorded in the training summary (r2gen.training.live).
+    monitor_system: str = "off"
+    # torch.use_deterministic_algorithms + cuDNN deterministic, benchmark off: a resumed GPU run is
+    # bit-equal to an unkilled one only with it (CPU runs are deterministic already); slower.
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         check_choice("train.common.batch_mode", self.batch_mode, BATCH_MODES)
+        check_choice("train.common.monitor_system", self.monitor_system, MONITOR_SYSTEM)
         check_choice("train.common.lr_scaling", self.lr_scaling, LR_SCALING)
         if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
             raise ConfigError(f"train.common.memory_budget_gb must be positive or null, got {self.memory_budget_gb}")
@@ -267,7 +277,7 @@ class TrainCommon:
 @dataclass(frozen=True)
 class TrainPrecision:
     batch_size: int = 16
-    backend: str = "auto"  # auto | native | te | emulated (see r2gen.precision)
+    backend: str = "auto"  # auto | native | te | torchao | emulated (see r2gen.precision)
     fp8_recipe: str = "delayed"  # fp8 only: delayed (DelayedScaling, HYBRID) | current
     nproc: int = 1  # data-parallel processes (torchrun + DDP); batch_size is per process
 
@@ -310,9 +320,13 @@ class EvaluateConfig:
     block_trigrams: bool = False  # greedy only: the public greedy's trigram penalty (-0.693 * 2 per repeat)
     batch_size: int = 16
     meteor: bool = True  # needs Java; without it METEOR is recorded as null with the reason
+    # What reports are scored against (r2gen.evaluation.references): truncated (R2Gen: the report
+    # encoded and decoded, <unk> for rare words, cut at max_seq_length) | full (the cleaned report, whole)
+    references: str = "truncated"
 
     def __post_init__(self) -> None:
         check_choice("evaluate.precision", self.precision, PRECISIONS)
+        check_choice("evaluate.references", self.references, REFERENCES)
         _positive("evaluate.num_beams", self.num_beams)
         if self.max_new_tokens is not None:
             _positive("evaluate.max_new_tokens", self.max_new_tokens)

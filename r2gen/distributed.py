@@ -90,8 +90,18 @@ class World:
         return self.rank == 0
 
     def device(self, device: torch.device) -> torch.device:
-        """The device of this rank: ``cuda:LOCAL_RANK`` under DDP on GPUs."""
+        """The device of this rank: ``cuda:LOCAL_RANK`` under DDP on GPUs.
+
+        Raises:
+            ConfigError: ``LOCAL_RANK`` names no GPU of this node (more processes than GPUs).
+        """
         if self.distributed and device.type == "cuda":
+            count = torch.cuda.device_count()
+            if not 0 <= self.local_rank < count:
+                raise ConfigError(
+                    f"LOCAL_RANK={self.local_rank} but torch.cuda.device_count() is {count} on this node: "
+                    f"launch at most {count} processes per node (train.<precision>.nproc or {NPROC_ENV}; "
+                    "check CUDA_VISIBLE_DEVICES)")
             return torch.device("cuda", self.local_rank)
         return device
 
@@ -176,8 +186,11 @@ class SyncedBatchNorm2d(nn.BatchNorm2d):
     ``torch.nn.SyncBatchNorm`` runs on GPUs only; this one all-reduces per-channel sums and sums of
     squares (one collective per call, forward and backward), so gloo and NCCL runs compute the same
     thing and gradients flow through the global statistics. Evaluation uses the running
-    statistics, like BatchNorm2d.
+    statistics, like BatchNorm2d. ``collective=False`` (the batch-size probe, which has no process
+    group) computes the same tensors from this process's samples alone.
     """
+
+    collective: bool = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
@@ -186,7 +199,7 @@ class SyncedBatchNorm2d(nn.BatchNorm2d):
         xf = x.float()
         count = torch.full((1,), x.numel() / C, dtype=torch.float32, device=x.device)
         local = torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count])  # (2C+1,)
-        total = _AllReduceSum.apply(local)  # (2C+1,) over all ranks
+        total = _AllReduceSum.apply(local) if self.collective else local  # (2C+1,) over all ranks
         n = total[2 * C]
         mean = total[:C] / n  # (C,)
         var = (total[C : 2 * C] / n - mean * mean).clamp(min=0)  # biased, as BatchNorm normalises
@@ -200,11 +213,12 @@ class SyncedBatchNorm2d(nn.BatchNorm2d):
         return (xf * scale[None, :, None, None] + shift[None, :, None, None]).to(x.dtype)  # (B, C, H, W)
 
 
-def sync_batch_norms(model: nn.Module) -> int:
+def sync_batch_norms(model: nn.Module, collective: bool = True) -> int:
     """Swap every BatchNorm2d of ``model`` for a :class:`SyncedBatchNorm2d` (same weights); returns how many.
 
     Only affine BatchNorm2d with running statistics (all of the ResNet trunk's); R2Gen's optional
-    ``use_bn`` token BatchNorm keeps per-rank statistics.
+    ``use_bn`` token BatchNorm keeps per-rank statistics. ``collective=False``: no all-reduce (see
+    :class:`SyncedBatchNorm2d`).
     """
     count = 0
     for parent in list(model.modules()):
@@ -213,6 +227,7 @@ def sync_batch_norms(model: nn.Module) -> int:
                 synced = SyncedBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
                                            child.track_running_stats, device=child.weight.device)
                 synced.load_state_dict(child.state_dict())
+                synced.collective = collective
                 setattr(parent, name, synced)
                 count += 1
     return count

@@ -1,8 +1,11 @@
 """Scoring a trained model on the test split, as the public code's test pass does, plus baselines.
 
 Every model is evaluated at one fixed generation precision (``evaluate.precision``, fp32 by default)
-so that quality differences reflect the training precision. References are what R2Gen scores
-against: the tokenized report decoded back (cleaned, ``<unk>`` for rare words, cut at the max length).
+so that quality differences reflect the training precision. References (``evaluate.references``)
+are by default what R2Gen scores against, ``truncated``: the tokenized report decoded back (cleaned,
+``<unk>`` for rare words, cut at ``max_seq_length``); or ``full``: the cleaned report, every word and
+no length limit, as papers that score against the ground truth do. The choice is recorded in the
+metrics file (``references``) and applies to the image-blind baseline too.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from tqdm import tqdm
 
 from r2gen import precision as prec
 from r2gen.checkpoint import build_model, load_model_file
-from r2gen.config import EvaluateConfig
+from r2gen.config import REFERENCES, EvaluateConfig, check_choice
 from r2gen.data.images import load_prepared
 from r2gen.errors import R2GenError
 from r2gen.data.batches import StudyBatches
@@ -29,8 +32,12 @@ from r2gen.validation import evaluate_loss
 log = logging.getLogger(__name__)
 
 
-def references(tokenizer: Tokenizer, reports: list[str]) -> list[str]:
-    """R2Gen's ground truths: ``decode(encode(report))`` (cleaned, <unk>-mapped, truncated)."""
+def references(tokenizer: Tokenizer, reports: list[str], kind: str = "truncated") -> list[str]:
+    """The ground truths scored against: ``truncated``, R2Gen's ``decode(encode(report))`` (cleaned,
+    <unk>-mapped, cut at ``max_seq_length``), or ``full``, the cleaned report whole."""
+    check_choice("evaluate.references", kind, REFERENCES)
+    if kind == "full":
+        return [tokenizer.clean(r) for r in reports]
     return [tokenizer.decode(tokenizer.encode(r)) for r in reports]
 
 
@@ -86,13 +93,14 @@ def evaluate_model(model_path: Path, prepared: Path, cfg: EvaluateConfig, device
         seconds += time.perf_counter() - t0
         generated_ids.extend(ids.cpu().tolist())
     hyps = tokenizer.batch_decode(generated_ids)
-    refs = references(tokenizer, test.reports)
+    refs = references(tokenizer, test.reports, cfg.references)
 
     summary = EvalSummary(
         precision=ckpt["info"]["train"]["precision"],
         eval_precision=cfg.precision,
         eval_backend=plan.backend,
         test_loss=test_loss,
+        references=cfg.references,
         **score(refs, hyps, cfg.meteor),
         reports_per_s=len(hyps) / seconds if seconds else None,
         generation_seconds=seconds,
@@ -106,16 +114,22 @@ def evaluate_model(model_path: Path, prepared: Path, cfg: EvaluateConfig, device
     return summary, predictions
 
 
-def image_blind_baseline(prepared: Path, tokenizer: Tokenizer, meteor: bool) -> BaselineSummary:
-    """Scores of writing the most frequent training report for every test study (no image used)."""
+def image_blind_baseline(prepared: Path, tokenizer: Tokenizer, meteor: bool,
+                         references_kind: str = "truncated") -> BaselineSummary:
+    """Scores of writing the most frequent training report for every test study (no image used).
+
+    The report written is the most frequent one as a model could write it (truncated: R2Gen's
+    decoded form); it is scored against ``references_kind`` references like the models are.
+    """
     train, test = load_prepared(prepared, "train"), load_prepared(prepared, "test")
     train_refs = references(tokenizer, train.reports)
     most_common, count = Counter(train_refs).most_common(1)[0]
-    refs = references(tokenizer, test.reports)
+    refs = references(tokenizer, test.reports, references_kind)
     return BaselineSummary(
         baseline="most frequent training report",
         report=most_common,
         train_frequency=count / len(train_refs),
+        references=references_kind,
         **score(refs, [most_common] * len(refs), meteor),
         test_studies=len(refs),
     )

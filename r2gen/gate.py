@@ -26,6 +26,7 @@ from typing import Any
 
 from r2gen import layout
 from r2gen.compare.derived import known
+from r2gen.compare.fmt import table
 from r2gen.errors import ConfigError
 from r2gen.records import TrainSummary
 
@@ -66,11 +67,17 @@ class Check:
     new: float | None
     limit: str  # human-readable tolerance
     note: str = ""
-    skipped: bool = False  # no value on either side, for the reason in note
+    skipped: bool = False  # not compared, for the reason in note
+    precision: str = ""  # the precision and metric of the name, apart (the markdown table's columns)
+    metric: str = ""
+
+    @property
+    def verdict(self) -> str:
+        return "skip" if self.skipped else "ok" if self.ok else "FAIL"
 
     def line(self) -> str:
-        status = "skip" if self.skipped else "ok  " if self.ok else "FAIL"
-        return f"{status} {self.name}: {_fmt(self.old)} -> {_fmt(self.new)} ({self.limit}){' ' + self.note if self.note else ''}"
+        return (f"{self.verdict:<4} {self.name}: {_fmt(self.old)} -> {_fmt(self.new)} ({self.limit})"
+                f"{' ' + self.note if self.note else ''}")
 
 
 def load_rules(raw: dict[str, Any], source: str = "metrics_gate.yaml") -> tuple[list[str], list[Rule]]:
@@ -116,7 +123,10 @@ def evaluate(diff: dict[str, dict], precisions: list[str], rules: list[Rule],
     """One Check per rule and precision (ratio rules skip the reference precision itself).
 
     ``reasons`` maps a workspace metrics file to ``{key: why it has no value}`` (its ``<key>_error``
-    fields); a metric absent on both sides with a reason is skipped, not failed.
+    fields); a metric absent on both sides with a reason is skipped, not failed. A metric that has a
+    workspace value but none in the baseline (a key this change adds, e.g. before a re-baseline) is
+    skipped with that reason: nothing to compare with is no regression. The reverse, a baseline value
+    that is gone from the workspace, fails.
     """
     reasons = reasons or {}
     checks = []
@@ -124,16 +134,21 @@ def evaluate(diff: dict[str, dict], precisions: list[str], rules: list[Rule],
         for p in precisions:
             if rule.ratio_to == p:
                 continue
-            name = f"{p} {rule.key}" + (f"/{rule.ratio_to}" if rule.ratio_to else "")
+            metric = rule.key + (f"/{rule.ratio_to}" if rule.ratio_to else "")
+            name = f"{p} {metric}"
             tol = rule.allowed(p)
             limit = f"{'-' if rule.better == 'higher' else '+'}{tol:.0%}" if rule.relative else \
                 f"{'-' if rule.better == 'higher' else '+'}{tol:g}"
             incomparable = not_comparable(diff, rule, p)
             if incomparable:
                 old, new, _ = _values(diff, rule, p)
-                checks.append(Check(name, True, old, new, limit, f"not compared: {incomparable}", skipped=True))
+                checks.append(Check(name, True, old, new, limit, f"not compared: {incomparable}", True, p, metric))
                 continue
             old, new, missing = _values(diff, rule, p)
+            added = _added(diff, rule, p)
+            if added:
+                checks.append(Check(name, True, old, new, limit, f"not compared: {added}", True, p, metric))
+                continue
             if rule.ratio_to and not missing:
                 ref_old, ref_new, ref_missing = _values(diff, rule, rule.ratio_to)
                 missing = ref_missing
@@ -143,17 +158,36 @@ def evaluate(diff: dict[str, dict], precisions: list[str], rules: list[Rule],
                     missing = [] if old is not None and new is not None else [f"{rule.ratio_to} {rule.key} is 0"]
             why = reasons.get(rule.path(p), {}).get(rule.key)
             if missing and why and not known(old) and not known(new):
-                checks.append(Check(name, True, old, new, limit, f"no value on either side: {why}", skipped=True))
+                checks.append(Check(name, True, old, new, limit, f"no value on either side: {why}", True, p, metric))
                 continue
             if missing:
                 checks.append(Check(name, False, old, new, limit, "missing: " + "; ".join(missing)
-                                    + (f" ({why})" if why else "")))
+                                    + (f" ({why})" if why else ""), False, p, metric))
                 continue
             allowed = tol * abs(old) if rule.relative else tol
             worse_by = (old - new) if rule.better == "higher" else (new - old)
             ok = worse_by <= allowed + 1e-12
-            checks.append(Check(name, ok, old, new, limit, "" if ok else f"worse by {worse_by:.4g}"))
+            checks.append(Check(name, ok, old, new, limit, "" if ok else f"worse by {worse_by:.4g}", False, p, metric))
     return checks
+
+
+def _added(diff: dict[str, dict], rule: Rule, precision: str) -> str | None:
+    """Why a metric has a workspace value but no baseline one (for it or the ratio's reference), or None."""
+    for p in dict.fromkeys([precision, *([rule.ratio_to] if rule.ratio_to else [])]):
+        old, new, _ = _values(diff, rule, p)
+        if not known(old) and known(new):
+            return (f"{rule.path(p)}:{rule.key} has no value in the baseline (a metric this change adds?); "
+                    "it is gated once the baseline records it (re-baseline: commit the new metrics)")
+    return None
+
+
+def summary_line(checks: list[Check], base: str) -> str:
+    """``40/44 metrics within tolerance of HEAD; 4 skipped (...); 1 FAILED``: the verdict in one line."""
+    failed = sum(not c.ok for c in checks)
+    skipped = sum(c.skipped for c in checks)
+    return (f"{len(checks) - failed - skipped}/{len(checks)} metrics within tolerance of {base}"
+            + (f"; {skipped} skipped (reason on each line)" if skipped else "")
+            + (f"; {failed} FAILED" if failed else ""))
 
 
 def not_comparable(diff: dict[str, dict], rule: Rule, precision: str) -> str | None:
@@ -212,6 +246,33 @@ def _fmt(x: Any) -> str:
     if not known(x):
         return "missing"
     return f"{x:.4g}"
+
+
+def render_markdown(checks: list[Check], base: str, loss_diff: str = "") -> str:
+    """The verdict as a pull-request comment: the summary line, a table (failures first), ``loss_diff``.
+
+    One row per check: metric, precision, baseline, workspace, change (absolute and relative), and
+    the verdict with its tolerance and reason. The same checks as the terminal lines, nothing dropped.
+    """
+    failed = [c for c in checks if not c.ok]
+    rows = [[f"`{c.metric or c.name}`", c.precision or "—", _fmt(c.old), _fmt(c.new), _change(c.old, c.new),
+             _verdict(c)] for c in failed + [c for c in checks if c.ok]]
+    title = f"### {'❌ Metrics gate failed' if failed else '✅ Metrics gate passed'} (baseline `{base}`)"
+    parts = [title, summary_line(checks, base) + ".",
+             table(["metric", "precision", "baseline", "workspace", "change", "verdict"], rows)]
+    return "\n\n".join(parts + ([loss_diff] if loss_diff else [])) + "\n"
+
+
+def _change(old: Any, new: Any) -> str:
+    if not (known(old) and known(new)):
+        return "n/a"
+    rel = f" ({(new - old) / abs(old):+.1%})" if old else ""
+    return f"{new - old:+.4g}{rel}"
+
+
+def _verdict(check: Check) -> str:
+    head = {"skip": "skip", "ok": "ok", "FAIL": "**FAIL**"}[check.verdict]
+    return f"{head} (tolerance {check.limit})" + (f": {check.note}" if check.note else "")
 
 
 def stated_reasons(rules: list[Rule], precisions: list[str]) -> dict[str, dict[str, str]]:

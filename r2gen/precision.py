@@ -6,14 +6,30 @@
 | fp16      | native   | ``torch.autocast(fp16)`` (CPU too: real fp16, speed not meaningful) | on   |
 | bf16      | native   | ``torch.autocast(bf16)``                                      | off        |
 | fp8       | te       | ``torch.autocast(bf16)`` + Transformer Engine ``te.autocast(recipe)`` | off |
+| fp8       | torchao  | ``torch.autocast(bf16)``; the layers are torchao ``Float8Linear`` (r2gen.fp8_torchao) | off |
 | fp8       | emulated | ``torch.autocast(bf16)`` + :func:`r2gen.fp8_emulation.fp8_autocast` | off  |
 
-``backend: auto`` picks native for fp32/fp16/bf16; for fp8 it picks te on a CUDA GPU with compute
-capability >= 8.9 where ``transformer_engine`` imports, emulated everywhere else, and records why
-(``PrecisionPlan.reason``). Both fp8 backends use the HYBRID format (E4M3 forward, E5M2 backward),
-the same recipe (``delayed`` or ``current`` scaling) and the same layers: the ``nn.Linear`` modules
-that the model lists in ``fp8_candidates()`` whose in and out features are multiples of 16; the
-rest of the model runs in bf16 autocast. An emulated run reproduces FP8 numerics, never FP8 speed.
+``backend: auto`` picks native for fp32/fp16/bf16. For fp8 it picks te on a CUDA GPU with compute
+capability >= 8.9 where ``transformer_engine`` imports and TE's own
+``FP8GlobalStateManager.is_fp8_available()`` agrees (it also checks the CUDA and cuBLASLt versions);
+else torchao on such a GPU where ``torchao`` imports; else emulated; and records why
+(``PrecisionPlan.reason``). ``backend: torchao`` also runs on a CPU, through torchao's own code and
+``torch._scaled_mm``: FP8 numerics only, like the emulation. All fp8 backends use the HYBRID format
+(E4M3 forward, E5M2 backward) and the same layers: the ``nn.Linear`` modules that the model lists in
+``fp8_candidates()`` whose in and out features are multiples of 16; the rest of the model runs in
+bf16 autocast. te and emulated take the recipe (``delayed`` or ``current`` scaling); torchao has
+current (tensorwise dynamic) scaling only, so ``backend: torchao`` with ``delayed`` is an error and
+``auto`` choosing torchao records ``current``. An emulated or CPU run reproduces FP8 numerics, never
+FP8 speed (``speed_comparable: false``).
+
+Inference (validation, evaluation, ``r2gen generate``) on TE with the delayed recipe: TE updates
+delayed scales only in grad-enabled forwards, so a layer that never trained (a model file loaded for
+evaluation) would quantize with scale 1 throughout. Such a layer runs its no-grad forwards under TE's
+current scaling instead, which is what the emulation does for a layer with no history; a layer
+that has trained (validation during training) keeps its delayed scales.
+
+Converting a model leaves the CPU and CUDA RNG streams where they were (``te.Linear`` runs its
+weight init on the device's generator), so dropout masks are the same at every precision.
 
 Typical use (the training loop)::
 
@@ -29,18 +45,21 @@ Typical use (the training loop)::
     ...
     verify_fp8(model, plan)  # after the first step
 
-Checkpoints: the emulated fp8 state is tensor buffers and TE's ``_extra_state`` is a uint8 tensor, so
-both files load with ``torch.load(weights_only=True)``. TE itself unpickles that tensor when it is
-loaded into a ``te.Linear``; for the delayed recipe TE >= 2.18 refuses unless
-``NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1`` (older TE unpickles silently). Loading
-``plain_state_dict(...)`` instead resumes with fresh TE fp8 state. The two backends differ in one
-deliberate way: TE's delayed scaling starts from scale 1, the emulation from the first step's amax
-(see :mod:`r2gen.fp8_emulation`).
+Checkpoints load with ``torch.load(weights_only=True)`` for every backend: the emulated fp8 state is
+tensor buffers, torchao keeps none, and our ``te.Linear`` subclass stores TE's delayed-scaling state
+(``fp8_meta`` scale, scale_inv where TE has one, and amax history, forward and backward) as a dict
+of plain tensors under ``_extra_state`` instead of TE's pickle, and restores it without handing TE a
+pickle, so a resumed run takes the next step as the unkilled one would. (TE >= 2.18 refuses its own
+pickled delayed state unless ``NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1``; a uint8 ``_extra_state``
+from elsewhere still goes to TE, which decides.) ``plain_state_dict(...)`` drops all fp8 state. TE
+and the emulation differ in one deliberate way: TE's delayed scaling starts training from scale 1,
+the emulation from the first step's amax (see :mod:`r2gen.fp8_emulation`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import platform
 from dataclasses import dataclass
@@ -51,7 +70,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from r2gen import fp8_emulation
+from r2gen import fp8_emulation, fp8_torchao
 from r2gen.config import BACKENDS, FP8_RECIPES, PRECISIONS, check_choice
 from r2gen.errors import PrecisionError
 from r2gen.fp8_emulation import EmulatedFp8Linear
@@ -63,6 +82,7 @@ AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {
     "fp8": torch.bfloat16,  # everything that is not an FP8 Linear
 }
 TE_MIN_CAPABILITY = (8, 9)  # Ada and Hopper have FP8 tensor cores
+FP8_MIN_CAPABILITY = TE_MIN_CAPABILITY  # torch._scaled_mm on CUDA needs them too (torchao)
 BF16_MIN_CAPABILITY = (8, 0)  # Ampere
 FP8_MULTIPLE = 16  # TE's FP8 GEMMs need in/out features divisible by 16
 FP8_STATE_KEYS = ("_extra_state", "fp8_amax_history", "fp8_scale")  # state-dict leaves that are fp8 bookkeeping
@@ -80,7 +100,9 @@ class Hardware:
     device_name: str
     capability: tuple[int, int] | None = None  # CUDA compute capability; None on a CPU
     te_version: str | None = None  # transformer_engine version if it imports
-    te_error: str | None = None  # why it does not, or why it was not tried
+    te_error: str | None = None  # why TE cannot run fp8 here (no import, or TE's own refusal), or why not tried
+    torchao_version: str | None = None  # torchao version if its float8 training imports (probed for fp8 only)
+    torchao_error: str | None = None  # why it does not, or why it was not tried
 
 
 def probe_hardware(device: torch.device) -> Hardware:
@@ -100,7 +122,17 @@ def probe_hardware(device: torch.device) -> Hardware:
         import transformer_engine.pytorch  # noqa: F401
     except Exception as exc:  # ImportError, or OSError/RuntimeError when its CUDA libraries do not match
         return Hardware(True, name, capability, te_error=f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
-    return Hardware(True, name, capability, te_version=transformer_engine.__version__)
+    version = transformer_engine.__version__
+    available, why = _te_fp8_available()
+    if not available:  # e.g. a CUDA or cuBLASLt too old for FP8 on this GPU: TE would refuse at step 1
+        return Hardware(True, name, capability, te_version=version,
+                        te_error=f"Transformer Engine {version} reports FP8 unavailable: {why}")
+    return Hardware(True, name, capability, te_version=version)
+
+
+def probe_torchao() -> tuple[str | None, str | None]:
+    """``(version, None)`` where torchao's float8 training imports, else ``(None, why)``; tests replace it."""
+    return fp8_torchao.probe()
 
 
 def cpu_support() -> dict:
@@ -119,10 +151,10 @@ class PrecisionPlan:
     """How one run computes: what the forward pass runs under, with which backend, on which device."""
 
     precision: str  # fp32 | fp16 | bf16 | fp8
-    backend: str  # native | te | emulated
+    backend: str  # native | te | torchao | emulated
     device: torch.device
     autocast_dtype: torch.dtype | None  # None for fp32; bf16 for fp8 (te and emulated)
-    fp8_recipe: str | None  # delayed | current for fp8, else None
+    fp8_recipe: str | None  # delayed | current for fp8 (torchao: current), else None
     requested_backend: str = "auto"  # what params.yaml asked for
     reason: str = ""  # why this backend, e.g. "auto: no CUDA device, so emulated"
     hardware: Hardware | None = None
@@ -168,7 +200,7 @@ class PrecisionPlan:
         }
 
     def _speed_comparable(self, cpu: dict) -> bool:
-        if self.backend == "emulated":
+        if self.backend == "emulated" or (self.backend == "torchao" and self.device.type != "cuda"):
             return False
         if self.device.type == "cpu" and self.precision in ("fp16", "bf16"):
             return cpu[self.precision]
@@ -181,6 +213,11 @@ class PrecisionPlan:
         if p == "fp8" and self.backend == "te":
             return (f"fp8 via Transformer Engine {hardware.te_version} ({self.fp8_recipe} scaling, HYBRID) "
                     "inside bf16 autocast")
+        if p == "fp8" and self.backend == "torchao":
+            where = ("" if self.device.type == "cuda" else
+                     " on a CPU through torch._scaled_mm: FP8 numerics only, its speed is not FP8 speed")
+            return (f"fp8 via torchao {hardware.torchao_version} float8 training (tensorwise dynamic scaling, "
+                    f"E4M3 forward, E5M2 gradients) inside bf16 autocast{where}")
         if p == "fp8":
             return (f"fp8 emulated ({self.fp8_recipe} scaling, HYBRID) inside bf16 autocast: FP8 numerics only, "
                     "its speed is not FP8 speed")
@@ -224,7 +261,7 @@ def resolve(precision: str, backend: str = "auto", device: str | torch.device = 
     dtype = AUTOCAST_DTYPES[precision]
 
     if precision != "fp8":
-        if backend in ("te", "emulated"):
+        if backend in ("te", "torchao", "emulated"):
             raise PrecisionError(f"backend {backend} is for fp8 only ({precision} runs on torch's native autocast); "
                                  f"set {key} to native or auto in params.yaml")
         if precision == "bf16" and hardware.capability and hardware.capability < BF16_MIN_CAPABILITY:
@@ -236,21 +273,45 @@ def resolve(precision: str, backend: str = "auto", device: str | torch.device = 
 
     if backend == "native":
         raise PrecisionError(f"fp8 has no native torch backend here; set {key} in params.yaml to te (CUDA GPU with "
-                             "compute capability >= 8.9 and transformer-engine), emulated (numerics only) or auto")
-    te_usable = (hardware.capability is not None and hardware.capability >= TE_MIN_CAPABILITY
-                 and hardware.te_version is not None)
-    if backend == "te" and not te_usable:
+                             "compute capability >= 8.9 and transformer-engine), torchao, emulated (numerics only) "
+                             "or auto")
+    if backend == "torchao" or (backend == "auto" and device.type == "cuda" and _te_problem(hardware, device)):
+        version, error = probe_torchao()  # imported only where it may run
+        hardware = dataclasses.replace(hardware, torchao_version=version, torchao_error=error)
+    chosen, recipe, reason = _fp8_backend(backend, fp8_recipe, device, hardware, key)
+    return PrecisionPlan("fp8", chosen, device, dtype, recipe, backend, reason, hardware)
+
+
+def _fp8_backend(backend: str, recipe: str, device: torch.device, hardware: Hardware,
+                 key: str) -> tuple[str, str, str]:
+    """``(backend, recipe, reason)`` for an fp8 plan, or a one-line PrecisionError naming what was found."""
+    te_problem = _te_problem(hardware, device)
+    torchao_problem = _torchao_problem(hardware, device)
+    if backend == "te" and te_problem:
         raise PrecisionError(f"fp8 with backend te needs a CUDA GPU with compute capability >= 8.9 and "
-                             f"transformer-engine; found: {_found(hardware, device)}. Use backend: emulated "
+                             f"transformer-engine; found: {te_problem}. Use backend: torchao, emulated "
                              f"(numerics only) or auto ({key} in params.yaml)")
-    if backend == "auto":
-        chosen = "te" if te_usable else "emulated"
-        reason = (f"auto: {hardware.device_name} with transformer-engine {hardware.te_version}" if te_usable
-                  else f"auto: emulated because fp8 backend te needs cc >= 8.9 and transformer-engine; "
-                       f"found: {_found(hardware, device)}")
-    else:
-        chosen, reason = backend, "requested"
-    return PrecisionPlan("fp8", chosen, device, dtype, fp8_recipe, backend, reason, hardware)
+    if backend == "torchao":
+        if torchao_problem:
+            raise PrecisionError(f"fp8 with backend torchao cannot run here; found: {torchao_problem}. Use "
+                                 f"backend: emulated (numerics only) or auto ({key} in params.yaml)")
+        if recipe != "current":
+            raise PrecisionError(f"fp8 with backend torchao has current (tensorwise dynamic) scaling only, not "
+                                 f"{recipe}; set train.fp8.fp8_recipe: current in params.yaml, or use backend te "
+                                 "or emulated")
+        where = "" if device.type == "cuda" else " (a CPU: numerics only)"
+        return "torchao", recipe, f"requested{where}"
+    if backend != "auto":
+        return backend, recipe, "requested"
+    if not te_problem:
+        return "te", recipe, f"auto: {hardware.device_name} with transformer-engine {hardware.te_version}"
+    if device.type == "cuda" and not torchao_problem:
+        changed = f"; recipe current, not {recipe}: torchao scales per tensor only" if recipe != "current" else ""
+        return "torchao", "current", (f"auto: torchao {hardware.torchao_version} on {hardware.device_name} because "
+                                      f"te cannot run (found: {te_problem}){changed}")
+    torchao = f"; torchao cannot run either: {torchao_problem}" if device.type == "cuda" else ""
+    return "emulated", recipe, (f"auto: emulated because fp8 backend te needs cc >= 8.9 and transformer-engine; "
+                                f"found: {te_problem}{torchao}")
 
 
 def set_fp32_numerics(device: str | torch.device) -> None:
@@ -294,7 +355,9 @@ def convert_model(model: nn.Module, plan: PrecisionPlan) -> dict:
     has one parent (a shared module would come untied). Parameters keep the names ``weight`` and
     ``bias``, so a plain model's state dict loads into the converted model (its fp8 state starts
     cold) and :func:`plain_state_dict` of the converted model loads into a plain one. Call it after
-    ``model.to(device)`` and before building the optimizer (TE layers own new Parameters).
+    ``model.to(device)`` and before building the optimizer (TE layers own new Parameters). The CPU
+    and CUDA RNG streams are where they were before (TE's weight init draws from them; the weights
+    are then overwritten with the Linear's), so fp8 runs draw the same dropout masks as the others.
 
     Returns:
         ``{"converted": [names], "skipped": {name: reason}, "linear_total": all nn.Linear modules of
@@ -316,24 +379,28 @@ def convert_model(model: nn.Module, plan: PrecisionPlan) -> dict:
     parents: dict[int, int] = {}  # id(module) -> number of (parent, attribute) slots holding it
     for _, module in model.named_modules(remove_duplicate=False):
         parents[id(module)] = parents.get(id(module), 0) + 1
-    make = EmulatedFp8Linear.from_linear if plan.backend == "emulated" else _te_linear_from
-
     for name, linear in dict(model.fp8_candidates()).items():
         if model.get_submodule(name) is not linear:
             raise ValueError(f"fp8_candidates() of {type(model).__name__} names '{name}', which is another module")
         reason = _ineligible(linear, parents[id(linear)])
         if reason:
             report["skipped"][name] = reason
-            continue
-        parent_name, _, attribute = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attribute, make(linear))
-        report["converted"].append(name)
+        else:
+            report["converted"].append(name)
     report["linear_converted"] = len(report["converted"])
 
     if not report["converted"]:
         reasons = "; ".join(f"{n}: {r}" for n, r in list(report["skipped"].items())[:3]) or "the model lists none"
         raise PrecisionError(f"fp8 would convert no layer of {type(model).__name__} ({reasons}); use model sizes "
                              "that are multiples of 16 (model.d_model, model.d_ff in params.yaml) or precision bf16")
+    with _rng_untouched(plan.device):
+        if plan.backend == "torchao":
+            fp8_torchao.convert(model, report["converted"])
+        else:
+            make = EmulatedFp8Linear.from_linear if plan.backend == "emulated" else _te_linear_from
+            for name in report["converted"]:
+                parent_name, _, attribute = name.rpartition(".")
+                setattr(model.get_submodule(parent_name), attribute, make(model.get_submodule(name)))
     return report
 
 
@@ -345,7 +412,8 @@ def verify_fp8(model: nn.Module, plan: PrecisionPlan) -> None:
     """
     if plan.precision != "fp8":
         return
-    fp8_type = EmulatedFp8Linear if plan.backend == "emulated" else _te_linear_class()
+    fp8_type = {"emulated": lambda: EmulatedFp8Linear, "torchao": fp8_torchao.float8_linear_class,
+                "te": _te_linear_class}[plan.backend]()
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, fp8_type)]
     if not layers:
         raise PrecisionError("fp8 run has no FP8 layers: call r2gen.precision.convert_model(model, plan) "
@@ -376,9 +444,27 @@ def mask_fill_value(dtype: torch.dtype) -> float:
 @contextlib.contextmanager
 def _fp8_context(plan: PrecisionPlan) -> Iterator[None]:
     with torch.autocast(plan.device.type, dtype=torch.bfloat16):
-        fp8 = _te_autocast(plan.fp8_recipe) if plan.backend == "te" else fp8_emulation.fp8_autocast(plan.fp8_recipe)
+        if plan.backend == "torchao":  # a Float8Linear always computes in FP8: no context of its own
+            fp8 = contextlib.nullcontext()
+        elif plan.backend == "te":
+            fp8 = _te_autocast(plan.fp8_recipe)
+        else:
+            fp8 = fp8_emulation.fp8_autocast(plan.fp8_recipe)
         with fp8:
             yield
+
+
+@contextlib.contextmanager
+def _rng_untouched(device: torch.device) -> Iterator[None]:
+    """Restore the CPU (and, on CUDA, the device's) RNG state on exit."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
 
 
 def _ineligible(linear: nn.Module, parents: int) -> str | None:
@@ -400,6 +486,8 @@ def _ran_in_fp8(module: nn.Module, plan: PrecisionPlan) -> bool:
         return False
     if plan.backend == "emulated":
         return module.fp8_backward_calls > 0
+    if plan.backend == "torchao":
+        return True  # a Float8Linear has no non-fp8 path: every call ran torch._scaled_mm, forward and backward
     if plan.fp8_recipe != "delayed":
         return True  # TE's current scaling keeps no state that would show the backward
     # Delayed scaling records the backward's gradient amax in TE's history.
@@ -418,6 +506,16 @@ def _fp8_global_state():
     except ImportError:  # TE < 2.10
         from transformer_engine.pytorch.fp8 import FP8GlobalStateManager
     return FP8GlobalStateManager
+
+
+def _te_fp8_available() -> tuple[bool, str]:
+    """TE's own verdict, ``FP8GlobalStateManager.is_fp8_available()``: (ok, reason); it checks CUDA/cuBLASLt."""
+    try:
+        verdict = _fp8_global_state().is_fp8_available()
+    except Exception as exc:  # noqa: BLE001 - a TE that cannot even answer cannot run fp8
+        return False, f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+    ok, why = verdict if isinstance(verdict, tuple) else (bool(verdict), "")
+    return bool(ok), str(why or "no reason given")
 
 
 @functools.cache
@@ -441,11 +539,16 @@ def _te_autocast(recipe_name: str) -> contextlib.AbstractContextManager:
 
 @functools.cache
 def _te_linear_class() -> type:
-    """``te.Linear`` made fit for our model: padded rows, an FP8 forward count, plain state dicts."""
+    """``te.Linear`` made fit for our model: padded rows, an FP8 forward count, plain state dicts.
+
+    Its ``_extra_state`` is TE's delayed-scaling state as a dict of plain tensors (see module
+    docstring); a no-grad forward of a layer that never trained runs under TE's current scaling.
+    """
     te = _import_te()
 
     class TELinear(te.Linear):
         fp8_forward_calls = 0
+        _pending_fp8_state: dict | None = None  # restored from a checkpoint, copied in at the first FP8 forward
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             # TE's FP8 GEMM needs the rows (batch x tokens) divisible by 8; zero rows change no amax.
@@ -454,9 +557,26 @@ def _te_linear_class() -> type:
             pad = -rows % FP8_MULTIPLE
             if pad:
                 x2 = F.pad(x2, (0, 0, 0, pad))  # (N + pad, in)
-            y = super().forward(x2)  # (N + pad, out)
-            self.fp8_forward_calls += int(_fp8_global_state().is_fp8_enabled())
+            fp8 = _fp8_global_state().is_fp8_enabled()
+            if fp8 and self._pending_fp8_state is not None:
+                _te_restore_scaling(self, self._pending_fp8_state)
+                self._pending_fp8_state = None
+            cold = fp8 and _te_cold_inference(self)
+            with _te_autocast("current") if cold else contextlib.nullcontext():
+                y = super().forward(x2)  # (N + pad, out)
+            self.fp8_forward_calls += int(fp8)
             return y[:rows].reshape(*x.shape[:-1], y.shape[-1])  # (..., out)
+
+        def get_extra_state(self) -> dict:
+            if self._pending_fp8_state is not None:  # restored, not yet run
+                return dict(self._pending_fp8_state)
+            return _te_scaling_state(self)
+
+        def set_extra_state(self, state) -> None:
+            if isinstance(state, dict):  # ours: plain tensors, nothing for TE to unpickle
+                self._pending_fp8_state = dict(state) or None
+            else:  # TE's own serialized state, from a checkpoint we did not write: TE decides
+                super().set_extra_state(state)
 
         def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                                   unexpected_keys, error_msgs) -> None:
@@ -470,7 +590,49 @@ def _te_linear_class() -> type:
     return TELinear
 
 
+_TE_SCALING = {"fwd": "scaling_fwd", "bwd": "scaling_bwd"}  # our key suffix -> TE's fp8_meta entry
+_TE_SCALING_TENSORS = ("scale", "scale_inv", "amax_history")  # scale_inv: TE < 2.0 only
+
+
+def _te_scaling_state(layer: nn.Module) -> dict[str, torch.Tensor]:
+    """The delayed-scaling tensors of a TE layer, ``{"scale_fwd": ..., "amax_history_bwd": ...}``; {} if none."""
+    state = {}
+    for suffix, key in _TE_SCALING.items():
+        meta = layer.fp8_meta.get(key)
+        for attr in _TE_SCALING_TENSORS:
+            value = getattr(meta, attr, None)
+            if torch.is_tensor(value):
+                state[f"{attr}_{suffix}"] = value.detach().clone()
+    return state if "amax_history_fwd" in state else {}  # current scaling keeps no state
+
+
+def _te_restore_scaling(layer: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy checkpointed delayed-scaling tensors into the layer's fp8_meta (called inside te.autocast)."""
+    layer.init_fp8_metadata()  # TE creates the fp8_meta tensors for the active recipe (a no-op if they exist)
+    for name, value in state.items():
+        attr, _, suffix = name.rpartition("_")
+        target = getattr(layer.fp8_meta.get(_TE_SCALING.get(suffix, "")), attr, None)
+        if not torch.is_tensor(target) or target.shape != value.shape:
+            raise PrecisionError(f"the checkpoint's TE fp8 state '{name}' {tuple(value.shape)} does not fit this "
+                                 "layer (another fp8_recipe or TE version); delete the checkpoint to retrain")
+        with torch.no_grad():
+            target.copy_(value)
+
+
+def _te_cold_inference(layer: nn.Module) -> bool:
+    """A no-grad forward under delayed scaling in a layer that never recorded an amax (scale 1 in TE)."""
+    if torch.is_grad_enabled():
+        return False
+    recipe = _fp8_global_state().get_fp8_recipe()
+    delayed = recipe.delayed() if hasattr(recipe, "delayed") else type(recipe).__name__ == "DelayedScaling"  # TE 1.x
+    if not delayed:
+        return False
+    history = getattr(layer.fp8_meta.get("scaling_fwd"), "amax_history", None)
+    return history is None or not bool(history.abs().sum() > 0)
+
+
 def _te_linear_from(linear: nn.Linear) -> nn.Module:
+    # TE runs its weight init here (the RNG draws are undone by convert_model), then takes our weights.
     new = _te_linear_class()(linear.in_features, linear.out_features, bias=linear.bias is not None,
                              params_dtype=linear.weight.dtype, device=linear.weight.device)
     with torch.no_grad():
@@ -488,10 +650,33 @@ def _found(hardware: Hardware, device: torch.device) -> str:
     if device.type != "cuda":
         return "no CUDA device" if not hardware.cuda_available else f"device {device} selected (train.common.device)"
     cc = ".".join(map(str, hardware.capability))
-    if hardware.capability < TE_MIN_CAPABILITY:
-        return f"{hardware.device_name} with compute capability {cc}"
-    return (f"{hardware.device_name} (compute capability {cc}) but transformer_engine does not import "
-            f"({hardware.te_error}); install it with pip install 'r2gen-precision[fp8]'")
+    return f"{hardware.device_name} with compute capability {cc}"
+
+
+def _te_problem(hardware: Hardware, device: torch.device) -> str | None:
+    """Why Transformer Engine cannot run fp8 on ``device`` (None: it can)."""
+    if device.type != "cuda" or hardware.capability < TE_MIN_CAPABILITY:
+        return _found(hardware, device)
+    cc = ".".join(map(str, hardware.capability))
+    if hardware.te_version is None:
+        return (f"{hardware.device_name} (compute capability {cc}) but transformer_engine does not import "
+                f"({hardware.te_error}); install it with pip install 'r2gen-precision[fp8]'")
+    if hardware.te_error:
+        return f"{hardware.device_name} (compute capability {cc}) but {hardware.te_error}"
+    return None
+
+
+def _torchao_problem(hardware: Hardware, device: torch.device) -> str | None:
+    """Why torchao's float8 training cannot run on ``device`` (None: it can; on a CPU, numerics only)."""
+    if hardware.torchao_version is None:
+        return (f"torchao not importable ({hardware.torchao_error or 'not tried'}); install it with "
+                "pip install 'r2gen-precision[torchao]'")
+    if device.type == "cuda":
+        if hardware.capability < FP8_MIN_CAPABILITY:
+            cc = ".".join(map(str, hardware.capability))
+            return f"CUDA sm {cc} < 8.9 ({hardware.device_name}): no FP8 tensor cores for torch._scaled_mm"
+        return None
+    return fp8_torchao.cpu_scaled_mm_error()
 
 
 def _no_cuda_message(what: str) -> str:

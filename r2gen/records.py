@@ -127,6 +127,8 @@ class TrainSummary(Record):
     epochs: int
     steps: int
     threads: int
+    monitor_system: bool  # dvclive sampled system metrics during the run (train.common.monitor_system resolved)
+    deterministic: bool  # train.common.deterministic: deterministic kernels (GPU resume bit-exact)
     train_loss: float
     val_loss: float | None
     samples_per_s: float | None  # warm-up steps excluded
@@ -135,6 +137,15 @@ class TrainSummary(Record):
     # compares speed only between runs under r2gen.gate.BUSY_HOST. None without /proc/stat and under DDP
     # (the other ranks would count as load).
     other_cpu_share: float | None
+    # -- model FLOPs utilisation (r2gen/training/mfu.py): FLOPs always; a peak and MFU only for a speed measurement
+    flops_per_sample: float  # forward + backward model FLOPs of one training sample
+    achieved_tflops: float | None  # flops_per_sample x samples_per_s
+    peak_tflops: float | None  # the peak of peak_dtype on this device (datasheet on CUDA, measured on CPU)
+    peak_dtype: str | None
+    peak_source: str | None
+    measured_peak_tflops: float | None  # the GEMM probe's rate (beside a datasheet peak)
+    mfu: float | None  # achieved_tflops / peak_tflops
+    mfu_note: str | None  # why there is no MFU
     peak_memory_bytes: int
     peak_memory_fraction: float
     peak_memory_kind: str
@@ -161,6 +172,7 @@ class EvalSummary(Record):
     eval_precision: str
     eval_backend: str
     test_loss: float
+    references: str  # scored against: truncated (R2Gen: decode(encode(report))) | full (evaluate.references)
     BLEU_1: float
     BLEU_2: float
     BLEU_3: float
@@ -191,6 +203,7 @@ class BaselineSummary(Record):
     baseline: str
     report: str
     train_frequency: float
+    references: str  # scored against: truncated | full (evaluate.references), as the models are
     BLEU_1: float
     BLEU_2: float
     BLEU_3: float

@@ -20,7 +20,8 @@ log = logging.getLogger("baseline")
 def main(argv: list[str]) -> None:
     prepared, tokenizer, out = usage(__doc__, argv, 3)
     params = load_params()
-    metrics = image_blind_baseline(Path(prepared), Tokenizer.load(tokenizer), params.evaluate.meteor)
+    metrics = image_blind_baseline(Path(prepared), Tokenizer.load(tokenizer), params.evaluate.meteor,
+                                   params.evaluate.references)
     write_json(out, metrics.to_json())
     log.info("image-blind baseline (%.0f%% of train reports) | BLEU_4 %.3f | CE F1 %.3f",
              100 * metrics.train_frequency, metrics.BLEU_4, metrics.CE_F1)

@@ -27,9 +27,9 @@ def main(argv: list[str]) -> None:
     write_text(predictions_out, "".join(json.dumps(p) + "\n" for p in predictions))
     write_json(metrics_out, metrics.to_json())
     meteor = f"{metrics.METEOR:.3f}" if metrics.METEOR is not None else f"null ({metrics.METEOR_error})"
-    log.info("%s model, generated at %s | test loss %.4f | BLEU_4 %.3f | METEOR %s | ROUGE_L %.3f | CIDEr %.3f | "
-             "CE F1 %.3f | %.2f reports/s", precision, metrics.eval_precision, metrics.test_loss,
-             metrics.BLEU_4, meteor, metrics.ROUGE_L, metrics.CIDEr, metrics.CE_F1, metrics.reports_per_s)
+    log.info("%s model, generated at %s, %s references | test loss %.4f | BLEU_4 %.3f | METEOR %s | ROUGE_L %.3f | "
+             "CIDEr %.3f | CE F1 %.3f | %.2f reports/s", precision, metrics.eval_precision, metrics.references,
+             metrics.test_loss, metrics.BLEU_4, meteor, metrics.ROUGE_L, metrics.CIDEr, metrics.CE_F1, metrics.reports_per_s)
 
 
 if __name__ == "__main__":

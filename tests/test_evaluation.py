@@ -37,11 +37,25 @@ def test_evaluation_returns_the_complete_record_threads_included(model_path, tin
     assert summary.METEOR is None and "meteor=False" in summary.METEOR_error
     assert list(summary.to_json()) == list(EvalSummary.keys())  # METEOR_error after CIDEr, threads last
     assert summary.test_studies == len(predictions) and set(predictions[0]) == {"id", "reference", "generated"}
+    assert summary.references == "truncated"
+
+
+def test_full_references_are_recorded_and_are_what_the_predictions_show(model_path, tiny_data):
+    from r2gen.data.images import load_prepared
+
+    cfg = dataclasses.replace(tiny_params().evaluate, references="full")
+    summary, predictions = evaluate_model(model_path, tiny_data["prepared"], cfg, "cpu", threads=1)
+    tokenizer = Tokenizer.load(tiny_data["tokenizer"])
+    test = load_prepared(tiny_data["prepared"], "test")
+    assert summary.references == "full" and summary.to_json()["references"] == "full"
+    assert [p["reference"] for p in predictions] == [tokenizer.clean(r) for r in test.reports]
+    baseline = image_blind_baseline(tiny_data["prepared"], tokenizer, meteor=False, references_kind="full")
+    assert baseline.references == "full"
 
 
 def test_the_baseline_is_a_baseline_record(tiny_data):
     summary = image_blind_baseline(tiny_data["prepared"], Tokenizer.load(tiny_data["tokenizer"]), meteor=False)
-    assert isinstance(summary, BaselineSummary)
+    assert isinstance(summary, BaselineSummary) and summary.references == "truncated"
     assert list(summary.to_json()) == list(BaselineSummary.keys())
     assert BaselineSummary.from_json(summary.to_json()) == summary
 

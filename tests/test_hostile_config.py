@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -137,6 +138,24 @@ def test_the_alias_bomb_stage_exits_2_with_one_line_under_a_timeout(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr[-2000:]
     one_line(proc.stderr.strip(), "alias")
+
+
+def test_check_params_refuses_what_dvc_would_choke_on_before_dvc_runs(tmp_path, capsys):
+    # DVC parses params.yaml itself (about a minute on this bomb, then DVC's "unexpected error"), so
+    # `make repro` runs `r2gen check-params` first: the same loader as the stages, in well under a second.
+    bomb = tmp_path / "params.yaml"
+    bomb.write_text(ALIAS_BOMB + "data: *i\n")
+    start = time.monotonic()
+    code, out, err = cli(capsys, "check-params", str(bomb))
+    assert time.monotonic() - start < 5
+    assert_cli_error(code, out, err, "alias")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  fp16:\n    batch_size: 0\n")
+    assert_cli_error(*cli(capsys, "check-params", str(bad)), "train.fp16.batch_size")
+    code, out, err = cli(capsys, "check-params", str(REPO / "params.yaml"))
+    assert code == 0 and out.strip().endswith("fp32, fp16, bf16, fp8)") and not err
+    recipe = re.search(r"^repro:.*\n((?:\t.*\n)+)", (REPO / "Makefile").read_text(), re.M).group(1)
+    assert recipe.index("r2gen check-params params.yaml &&") < recipe.index("dvc repro")
 
 
 @pytest.mark.parametrize("word", ["yes", "no", "on", "off", "y", "Yes"])
@@ -709,3 +728,44 @@ def test_the_token_cap_is_the_decoders_positional_table():
     from r2gen.model.transformer import TokenEmbedding
 
     assert inspect.signature(TokenEmbedding).parameters["max_len"].default == cfg.MAX_REPORT_TOKENS
+
+
+# ------------------------------------------------------------ BatchNorm on a 1x1 map and a 1-study batch
+def _one_study_last_batch(train_studies: int) -> int:
+    """A batch size whose last training batch holds exactly one study."""
+    return next(b for b in range(2, train_studies) if train_studies % b == 1)
+
+
+def test_a_one_study_batch_on_a_1x1_feature_map_is_one_line_before_training(tmp_path, tiny_data):
+    from helpers import paths_in
+    from r2gen.data.images import load_prepared
+    from r2gen.training import train
+
+    studies = len(load_prepared(tiny_data["prepared"], "train").ids)
+    batch = _one_study_last_batch(studies)
+    params = tiny_params(tiny_data["root"], train__fp32__batch_size=batch)
+    paths = paths_in(tmp_path, tiny_data)
+    with pytest.raises(ConfigError) as exc:
+        train(cfg.TrainSpec.of(params, "fp32"), paths)
+    one_line(str(exc.value), "data.image_size 32", "1x1 feature map", f"batch {batch}", "above 32")
+    assert not paths.model_out.exists() and not paths.metrics.exists()
+
+
+def test_the_same_batch_trains_where_the_feature_map_is_larger_than_1x1(tmp_path, tiny_data):
+    from r2gen.data.batches import StudyBatches
+    from r2gen.data.images import load_prepared
+    from r2gen.model.visual import VisualExtractor, feature_map_side
+    from r2gen.tokenizer import Tokenizer
+
+    split = load_prepared(tiny_data["prepared"], "train")
+    batch = _one_study_last_batch(len(split.ids))
+    batches = StudyBatches(split, Tokenizer.load(tiny_data["tokenizer"]), batch, 32, train=True,
+                           generator=torch.Generator().manual_seed(0))
+    assert batches.smallest_batch() == 1 == min(len(labels) for _, labels in batches)
+    # The guard matches torch: a 1-study training batch fails on a 1x1 map (32 px) and runs on 2x2 (33 px).
+    extractor = VisualExtractor("resnet10", width=8).train()
+    assert feature_map_side(32) == 1 and feature_map_side(33) == 2 and feature_map_side(224) == 7
+    patches, _ = extractor(torch.zeros(1, 2, 33, 33, dtype=torch.uint8))
+    assert patches.shape[1] == 2 * 2 * 2  # two views of a 2x2 map
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        extractor(torch.zeros(1, 2, 32, 32, dtype=torch.uint8))

@@ -23,11 +23,15 @@ RTX3090 = Hardware(True, "NVIDIA GeForce RTX 3090", (8, 6), te_error="not tried 
 V100 = Hardware(True, "Tesla V100", (7, 0), te_error="not tried below compute capability 8.9")
 
 
+NO_TORCHAO = (None, "ModuleNotFoundError: No module named 'torchao'")
+
+
 @pytest.fixture
 def machine(monkeypatch):
-    """Play another machine: ``machine(hardware)`` replaces the hardware probe."""
-    def play(hardware: Hardware) -> None:
+    """Play another machine: ``machine(hardware, torchao)`` replaces the hardware and torchao probes."""
+    def play(hardware: Hardware, torchao: tuple = NO_TORCHAO) -> None:
         monkeypatch.setattr(precision, "probe_hardware", lambda device: hardware)
+        monkeypatch.setattr(precision, "probe_torchao", lambda: torchao)
     return play
 
 
@@ -105,11 +109,12 @@ CPU_TABLE = {
     ("bf16", "auto"): "native", ("bf16", "native"): "native",
     ("fp8", "auto"): "emulated", ("fp8", "emulated"): "emulated",
     ("fp32", "te"): "backend te is for fp8 only", ("fp32", "emulated"): "backend emulated is for fp8 only",
+    ("fp32", "torchao"): "backend torchao is for fp8 only", ("bf16", "torchao"): "backend torchao is for fp8 only",
     ("fp16", "te"): "backend te is for fp8 only", ("fp16", "emulated"): "backend emulated is for fp8 only",
     ("bf16", "te"): "backend te is for fp8 only", ("bf16", "emulated"): "backend emulated is for fp8 only",
     ("fp8", "native"): "fp8 has no native torch backend",
     ("fp8", "te"): "fp8 with backend te needs a CUDA GPU with compute capability >= 8.9 and transformer-engine; "
-                   "found: no CUDA device. Use backend: emulated (numerics only) or auto",
+                   "found: no CUDA device. Use backend: torchao, emulated (numerics only) or auto",
 }
 
 
@@ -132,8 +137,8 @@ def test_resolve_on_cpu_gives_plan_or_error_for_every_combination(machine, preci
 def test_resolve_rejects_unknown_values_with_the_valid_set():
     with pytest.raises(PrecisionError, match="must be one of: fp32, fp16, bf16, fp8"):
         resolve("fp4")
-    with pytest.raises(PrecisionError, match="must be one of: auto, native, te, emulated"):
-        resolve("fp8", "torchao")
+    with pytest.raises(PrecisionError, match="must be one of: auto, native, te, torchao, emulated"):
+        resolve("fp8", "tensorrt")
     with pytest.raises(PrecisionError, match="must be one of: delayed, current"):
         resolve("fp8", fp8_recipe="mxfp8")
 
@@ -182,7 +187,7 @@ def test_auto_picks_te_on_a_capable_gpu_with_transformer_engine(machine):
 ])
 def test_te_backend_errors_say_what_was_found_and_auto_falls_back(machine, hardware, found):
     machine(hardware)
-    with pytest.raises(PrecisionError, match="Use backend: emulated") as info:
+    with pytest.raises(PrecisionError, match="Use backend: torchao, emulated") as info:
         resolve("fp8", "te", "cuda")
     assert found in str(info.value)
     plan = resolve("fp8", "auto", "cuda")

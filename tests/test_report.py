@@ -92,10 +92,11 @@ def conclusion_lines(md: str) -> list[str]:
 def test_report_has_every_table_and_every_precision_row(work):
     md = markdown(work)
     for heading in ("## Conclusions", "## Environment", "## Training efficiency", "## Memory", "## Quality",
-                    "### Losses and numerical stability", "## Figures"):
+                    "### Losses and numerical stability", "### Gradient norm and loss scale",
+                    "### Model FLOPs utilisation", "### FP8 per-layer numerics", "## Figures"):
         assert heading + "\n" in md
     tables = precision_rows(md)
-    assert len(tables) == 5  # precision setup, efficiency, memory, quality, losses
+    assert len(tables) == 7  # precision setup, efficiency, MFU, memory, quality, losses, gradients
     for header, rows in tables.items():
         assert [r for r in rows if not r.startswith("image-blind")] == list(LABELS.values()), header
     assert any(r.startswith("image-blind baseline") for r in tables[next(h for h in tables if "BLEU_4" in h)])
@@ -273,3 +274,35 @@ def test_stage_writes_report_summary_and_release_model(work):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == ("error: models/fp8/model.pt not found (params `precision` is "
                                                     "fp8); run `dvc repro` to train it")
+
+
+def test_mfu_rows_claim_utilisation_only_for_speed_measurements(work):
+    rows = {r.split(" | ")[0].lstrip("| "): r for r in section(markdown(work), "### Model FLOPs utilisation").splitlines()
+            if r.startswith("| ") and not r.startswith("| precision") and not r.startswith("|--")}
+    train = {p: json.loads((work / "metrics" / "train" / f"{p}.json").read_text()) for p in LABELS}
+    fp32 = train["fp32"]
+    assert f"| {100 * fp32['mfu']:.1f}% |" in rows["fp32"]
+    assert f"{fp32['flops_per_sample'] / 1e9:.4f}" in rows["fp32"]
+    for p in ("fp16", "fp8"):
+        assert "| no claim |" in rows[LABELS[p]] and "not a speed measurement" in rows[LABELS[p]]
+
+
+def test_the_fp8_layer_table_is_listed_worst_first_and_drawn(work, tmp_path):
+    from r2gen import layout
+    from r2gen.fp8_table import write_table
+
+    fp8 = json.loads((work / "metrics" / "train" / "fp8.json").read_text())
+    rows = [{"epoch": e, "step": 1, "layer": name, "gemm_rel_error": err * e, "input_underflow": 0.25,
+             "weight_underflow": 0.0, "grad_output_underflow": 0.5, "input_saturation": 0.0,
+             "weight_saturation": 0.0, "grad_output_saturation": 0.125}
+            for e in (1, 2) for name, err in (("encoder.a", 0.01), ("decoder.b", 0.04), ("decoder.c", 0.02))]
+    write_table(layout.fp8_layers(work / "dvclive" / "train" / "fp8"), rows, fp8)
+    md = markdown(work)
+    fp8_part = section(md, "### FP8 per-layer numerics")
+    listed = [ln.split(" | ")[0].lstrip("| ") for ln in fp8_part.splitlines() if ln.startswith("| `")]
+    assert listed == ["`decoder.b`", "`decoder.c`", "`encoder.a`"]  # worst first, at the last epoch (2)
+    assert "| `decoder.b` | 0.080 | 25.00% | 0.00% | 50.00% | 0.00% | 0.00% | 12.50% |" in fp8_part
+    assert "epochs 1, 2" in fp8_part
+    out = tmp_path / "reports"
+    build_report(load_run(work / "metrics", work / "dvclive" / "train", list(LABELS)), "fp32", out)
+    assert (out / "figures" / "fp8_layers.png").stat().st_size > 1000

@@ -66,6 +66,8 @@ def precision_lists() -> dict[str, list[str]]:
                  for key, stage in dvc["stages"].items() if "foreach" not in stage}
     consumers["dvc.yaml metrics"] = list(dvc.get("metrics", []))
     for plot in dvc.get("plots", []):
+        if isinstance(plot, str) and any(plot.startswith(f"{o.rstrip('/')}/") for o in single):
+            continue  # an image plot inside one stage's output (reports/figures/*.png): no precision list
         (title, spec), = plot.items() if isinstance(plot, dict) else ((plot, {}),)
         y = (spec or {}).get("y", {})
         consumers[f"dvc.yaml plot {title!r}"] = list(y) if isinstance(y, (dict, list)) else [y]

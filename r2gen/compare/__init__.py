@@ -13,5 +13,6 @@ Both reports read the same things the same way and differ only in what they form
 - presentation: :mod:`~r2gen.compare.labels` (emulated / numerics only: never shown as speed),
   :mod:`~r2gen.compare.fmt` (numbers, markdown tables), :mod:`~r2gen.compare.figures`
 - the reports: :mod:`~r2gen.compare.single` + :mod:`~r2gen.compare.single_findings` (stage
-  `report`), :mod:`~r2gen.compare.grid` + :mod:`~r2gen.compare.grid_findings` (``r2gen exp-report``)
+  `report`), :mod:`~r2gen.compare.grid` + :mod:`~r2gen.compare.grid_findings` (``r2gen exp-report``),
+  :mod:`~r2gen.compare.loss_diff` (the loss-curve part of ``r2gen check-metrics --md``)
 """

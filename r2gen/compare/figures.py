@@ -29,6 +29,12 @@ PRECISION_FIGURES = {
     "memory.png": "Peak memory during training (hatched: emulated)",
     "quality.png": "Report quality on the test split, with the image-blind baseline (dashed)",
 }
+# Drawn from the per-step histories when a run logged them (older histories did not): see HISTORY_FIGURES_NEED.
+HISTORY_FIGURES = {
+    "grad_norm.png": "Global gradient L2 norm per step, before clipping (light: raw, solid: smoothed; log scale)",
+    "loss_scale.png": "GradScaler loss scale per step and the steps it skipped (precisions with a GradScaler)",
+    "fp8_layers.png": "FP8 per layer: GEMM error vs fp32 per probed epoch, and underflow/saturation at the last",
+}
 QUALITY_FIGURE_KEYS = ("BLEU_4", "ROUGE_L", "CIDEr", "CE_F1")
 EXPERIMENT_FIGURES = {
     "seed_quality.png": "Quality per precision and batch mode: mean ± std over seeds (dots: single seeds)",
@@ -49,7 +55,7 @@ def _save(fig: Figure, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------- the precision report
-def _ema(values: Sequence[float], beta: float = 0.8) -> np.ndarray:
+def ema(values: Sequence[float], beta: float = 0.8) -> np.ndarray:
     """Bias-corrected exponential moving average that steps over non-finite values."""
     out, avg, weight = [], 0.0, 0.0
     for v in values:
@@ -65,7 +71,7 @@ def _loss_figure(run: RunData, path: Path) -> None:
     for i, p in enumerate(run.precisions):
         c, s, v = color(p, i), run.step_loss[p], run.val_loss[p]
         ax.plot(s.steps, s.values, color=c, alpha=0.25, linewidth=0.8)
-        ax.plot(s.steps, _ema(s.values), color=c, linewidth=1.6, label=f"{run.label(p)} train")
+        ax.plot(s.steps, ema(s.values), color=c, linewidth=1.6, label=f"{run.label(p)} train")
         if v.steps:
             ax.scatter(v.steps, v.values, color=c, edgecolors="black", s=45, zorder=3, label=f"{run.label(p)} val")
     ax.set(xlabel="optimizer step", ylabel="loss (token-mean NLL)", title="Training and validation loss")
@@ -120,9 +126,132 @@ def _quality_figure(run: RunData, path: Path) -> None:
     _save(fig, path)
 
 
+def _grad_norm_figure(run: RunData, path: Path) -> None:
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    for i, p in enumerate(run.precisions):
+        s = run.grad_norm.get(p)
+        if s is None or not s.steps:
+            continue
+        ax.plot(s.steps, s.values, color=color(p, i), alpha=0.25, linewidth=0.8)
+        ax.plot(s.steps, ema(s.values), color=color(p, i), linewidth=1.6, label=run.label(p))
+    ax.set_yscale("log")
+    ax.set(xlabel="optimizer step", ylabel="‖g‖₂ of the unscaled gradients (before clipping)",
+           title="Global gradient norm per step")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def _loss_scale_figure(run: RunData, path: Path) -> None:
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    for i, p in enumerate(scaled_precisions(run)):
+        s, skipped = run.loss_scale[p], run.skipped_steps.get(p)
+        ax.step(s.steps, s.values, where="post", color=color(p, i), linewidth=1.6, label=f"{run.label(p)} loss scale")
+        if skipped is not None and skipped.steps:  # a skipped step: the cumulative count went up there
+            prev = (0.0, *skipped.values[:-1])
+            at = [st for st, v, b in zip(skipped.steps, skipped.values, prev) if v > b]
+            scale = dict(zip(s.steps, s.values))
+            ax.scatter(at, [scale.get(st, math.nan) for st in at], marker="x", color="black", zorder=3,
+                       label=f"{run.label(p)} skipped step ({len(at)})")
+    ax.set_yscale("log", base=2)
+    ax.set(xlabel="optimizer step", ylabel="loss scale (after the step's update)", title="GradScaler loss scale")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def scaled_precisions(run: RunData) -> list[str]:
+    """The precisions whose run used a GradScaler and logged its scale."""
+    return [p for p in run.precisions if run.train[p].grad_scaler and run.loss_scale.get(p) is not None
+            and run.loss_scale[p].steps]
+
+
+def history_figures(run: RunData) -> dict[str, str]:
+    """The :data:`HISTORY_FIGURES` this run has histories for (name -> caption)."""
+    names = []
+    if any(s.steps for s in run.grad_norm.values()):
+        names.append("grad_norm.png")
+    if scaled_precisions(run):
+        names.append("loss_scale.png")
+    if fp8_table_precision(run) is not None:
+        names.append("fp8_layers.png")
+    return {n: HISTORY_FIGURES[n] for n in names}
+
+
+def fp8_table_precision(run: RunData) -> str | None:
+    """The first precision with an FP8 layer table that has rows (the one fp8_layers.png shows)."""
+    return next((p for p in run.precisions if run.fp8_layers.get(p, {}).get("rows")), None)
+
+
+FP8_SHARES = (("input_underflow", "input\nunderflow"), ("weight_underflow", "weight\nunderflow"),
+              ("grad_output_underflow", "grad\nunderflow"), ("input_saturation", "input\nsaturation"),
+              ("weight_saturation", "weight\nsaturation"), ("grad_output_saturation", "grad\nsaturation"))
+
+
+def _fp8_layers_figure(run: RunData, path: Path) -> None:
+    p = fp8_table_precision(run)
+    table = run.fp8_layers[p]
+    epochs = table["epochs"]
+    layers = list(dict.fromkeys(r["layer"] for r in table["rows"]))
+    at = {(r["layer"], r["epoch"]): r for r in table["rows"]}
+    error = np.array([[at.get((layer, e), {}).get("gemm_rel_error", math.nan) for e in epochs] for layer in layers])
+    last = max(epochs)
+    shares = np.array([[100 * at.get((layer, last), {}).get(k, math.nan) for k, _ in FP8_SHARES] for layer in layers])
+    fig = Figure(figsize=(12, 1.6 + 0.32 * len(layers)), layout="constrained")
+    left, right = fig.subplots(1, 2, width_ratios=[len(epochs) + 2, len(FP8_SHARES) + 2])
+    for ax, values, cols, title, unit in (
+            (left, error, [f"epoch {e}" for e in epochs], "GEMM relative error vs fp32", "{:.3f}"),
+            (right, shares, [label for _, label in FP8_SHARES], f"elements lost at epoch {last} (%)", "{:.2f}")):
+        image = ax.imshow(values, aspect="auto", cmap="viridis")
+        fig.colorbar(image, ax=ax, shrink=0.8)
+        ax.set_xticks(range(len(cols)), cols, fontsize=7)
+        ax.set_yticks(range(len(layers)), layers if ax is left else [""] * len(layers), fontsize=7)
+        ax.set_title(title, fontsize=9)
+        for (i, j), v in np.ndenumerate(values):
+            ax.text(j, i, unit.format(v) if math.isfinite(v) else "n/a", ha="center", va="center", fontsize=6,
+                    color="white")
+    fig.suptitle(f"{run.label(p)}: FP8 numerics per layer ({table['backend']}, {table['fp8_recipe']} scaling)",
+                 fontsize=10)
+    _save(fig, path)
+
+
+def write_loss_diff_figure(base: dict, work: dict, precisions: Sequence[str], path: Path) -> None:
+    """Smoothed training loss per step, one panel per precision: the baseline dashed, the workspace solid."""
+    cols = min(len(precisions), 2)
+    rows = math.ceil(len(precisions) / cols)
+    fig = Figure(figsize=(5 * cols, 3.4 * rows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False)).ravel()
+    for i, (ax, p) in enumerate(zip(axes, precisions)):
+        for side, style, name in ((base, "--", "baseline"), (work, "-", "workspace")):
+            s = side.get(p)
+            if s is not None and s.steps:
+                ax.plot(s.steps, ema(s.values), color=color(p, i), linestyle=style, linewidth=1.4, label=name)
+            else:
+                ax.text(0.5, 0.5 if side is base else 0.4, f"no {name} history", transform=ax.transAxes, ha="center")
+        ax.set_yscale("log")
+        ax.set_title(p, fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    for ax in axes[len(precisions):]:
+        ax.set_visible(False)
+    fig.supxlabel("optimizer step", fontsize=9)
+    fig.supylabel("training loss (smoothed, log scale)", fontsize=9)
+    _save(fig, path)
+
+
 def write_precision_figures(run: RunData, directory: Path) -> None:
-    """The precision report's :data:`PRECISION_FIGURES` into ``directory``."""
+    """The precision report's :data:`PRECISION_FIGURES` into ``directory``, and the
+    :data:`HISTORY_FIGURES` that the run's histories allow (:func:`history_figures`)."""
     train = run.train
+    drawn = history_figures(run)
+    if "grad_norm.png" in drawn:
+        _grad_norm_figure(run, directory / "grad_norm.png")
+    if "loss_scale.png" in drawn:
+        _loss_scale_figure(run, directory / "loss_scale.png")
+    if "fp8_layers.png" in drawn:
+        _fp8_layers_figure(run, directory / "fp8_layers.png")
     _loss_figure(run, directory / "loss_curves.png")
     _bar_figure(run, directory / "throughput.png", {p: train[p].samples_per_s for p in run.precisions},
                 {p: not run.speed_comparable(p) for p in run.precisions}, "numerics only,\nnot speed",

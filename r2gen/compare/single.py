@@ -12,10 +12,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from r2gen import layout
 from r2gen.compare import fmt
 from r2gen.compare.derived import VsFp32, known, vs_fp32
-from r2gen.compare.figures import PRECISION_FIGURES, write_precision_figures
+from r2gen.compare.figures import HISTORY_FIGURES, PRECISION_FIGURES, history_figures, write_precision_figures
+from r2gen.compare.instruments import fp8_section, mfu_section
 from r2gen.compare.labels import SPEED_FLAG
 from r2gen.compare.runs import RunData
 from r2gen.compare.single_findings import conclusions
@@ -137,6 +140,37 @@ def _stability(run: RunData, derived: dict[str, VsFp32]) -> str:
     return fmt.table(header, rows)
 
 
+def _gradients(run: RunData) -> str:
+    """Per precision: the pre-clip gradient norm over the steps, and GradScaler's scale; a run whose
+    history predates these metrics says so instead of showing numbers."""
+    header = ["precision", "grad norm: median", "max", "last", "steps with a finite norm",
+              "loss scale: min", "last", "GradScaler skipped steps"]
+    rows = []
+    for p in run.precisions:
+        t, g, ls = run.train[p], run.grad_norm.get(p), run.loss_scale.get(p)
+        if g is None or not g.steps:
+            norms = ["not logged (history from before train/grad_norm: rerun `dvc repro`)", "—", "—", "—"]
+        else:
+            v = sorted(g.values)
+            norms = [fmt.num(float(np.median(v)), 4), fmt.num(v[-1], 4), fmt.num(g.values[-1], 4),
+                     f"{len(v)} of {fmt.text(t.steps)}"]
+        scaled = bool(t.grad_scaler) and ls is not None and bool(ls.steps)
+        scale = [fmt.num(min(ls.values), 0), fmt.num(ls.values[-1], 0)] if scaled else \
+            ["off", "off"] if not t.grad_scaler else ["not logged", "not logged"]
+        rows.append([run.label(p), *norms, *scale, fmt.text(t.grad_scaler_skipped_steps) if t.grad_scaler else "off"])
+    return (fmt.table(header, rows) + "\n\nThe norm is the global L2 norm of the unscaled gradients before R2Gen's "
+            "clipping by value; a step whose gradients overflowed (fp16: GradScaler skips it) has no finite norm.")
+
+
+def _figures(run: RunData) -> str:
+    lines = [f"![{caption}](figures/{name})" for name, caption in PRECISION_FIGURES.items()]
+    drawn = history_figures(run)
+    lines += [f"![{caption}](figures/{name})" for name, caption in drawn.items()]
+    lines += [f"{name}: not drawn, no run logged its history (rerun `dvc repro`)" for name in HISTORY_FIGURES
+              if name not in drawn]
+    return "\n\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------- the report
 def headline_summary(run: RunData, headline: str) -> dict:
     """Flat headline metrics of one precision, for ``reports/summary.json`` and `dvc exp show`.
@@ -181,7 +215,27 @@ def _definitions(run: RunData) -> list[str]:
         f"Every model generates at the same precision ({fmt.text(e0.eval_precision)}, beam "
         f"{fmt.text(e0.num_beams)}, at most {fmt.text(e0.max_new_tokens)} tokens), so quality "
         "differences come from the training precision.",
+        f"**References**: {_references(run)}",
     ]
+
+
+REFERENCE_TEXT = {
+    "truncated": "R2Gen's: each test report tokenized and decoded back (cleaned, rare words as <unk>, cut at "
+                 "the tokenizer's max_seq_length), as the public code scores (`evaluate.references: truncated`)",
+    "full": "the cleaned test reports, whole: every word, no length limit (`evaluate.references: full`); "
+            "not comparable with R2Gen's published scores, which use truncated references",
+}
+
+
+def _references(run: RunData) -> str:
+    """What the scores were computed against, from the metrics files (one statement, or per precision)."""
+    kinds = {p: run.eval[p].references for p in run.precisions}
+    kinds["baseline"] = run.baseline.references
+    if len(set(kinds.values())) == 1:
+        kind = next(iter(kinds.values()))
+        return f"scored against {REFERENCE_TEXT.get(kind, fmt.text(kind))}."
+    return ("**the files were scored against different references, so their scores do not compare**: "
+            + "; ".join(f"{p}: {k}" for p, k in kinds.items()) + ".")
 
 
 def render_markdown(run: RunData, headline: str) -> str:
@@ -198,10 +252,14 @@ def render_markdown(run: RunData, headline: str) -> str:
         "## Conclusions", "\n".join(f"- {c}" for c in conclusions(run, derived)),
         "## Environment", _environment(run),
         "## Training efficiency", _efficiency(run, derived),
+        "### Model FLOPs utilisation", mfu_section(run),
         "## Memory", _memory(run, derived),
-        f"## Quality\n\n### Report quality on the test split ({fmt.text(n)} studies)", _quality(run, derived),
+        f"## Quality\n\n### Report quality on the test split ({fmt.text(n)} studies) against "
+        f"{'/'.join(sorted({e.references for e in run.eval.values()}))} references", _quality(run, derived),
         "### Losses and numerical stability", _stability(run, derived),
-        "## Figures", "\n\n".join(f"![{caption}](figures/{name})" for name, caption in PRECISION_FIGURES.items()),
+        "### Gradient norm and loss scale", _gradients(run),
+        "### FP8 per-layer numerics", fp8_section(run),
+        "## Figures", _figures(run),
         "## Definitions", "\n".join(f"- {d}" for d in _definitions(run)),
     ]
     return "\n\n".join(parts) + "\n"

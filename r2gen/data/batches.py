@@ -45,6 +45,14 @@ class StudyBatches:
             return math.ceil(len(range(self.rank, n, self.world)) / self.batch_size)
         return n // step + (n % step >= self.world)
 
+    def smallest_batch(self) -> int:
+        """The fewest studies one rank gets in a training batch of an epoch (0 if it gets none)."""
+        n, step = len(self.labels), self.batch_size * self.world
+        sizes = [self.batch_size] if n >= step else []
+        if n % step >= self.world:  # a short last batch, split as evenly as tensor_split does
+            sizes.append((n % step) // self.world)
+        return min(sizes, default=0)
+
     def __iter__(self):
         n = len(self.labels)
         if not self.train:

@@ -79,6 +79,15 @@ def build_resnet_trunk(name: str, width: int = 64) -> nn.Sequential:
     return trunk
 
 
+def feature_map_side(image_size: int) -> int:
+    """Side of the trunk's last feature map for ``image_size`` px inputs (7 at R2Gen's 224).
+
+    The stem's stride-2 conv and max-pool and the three stride-2 stages each give ceil(s / 2), so
+    five halvings give ceil(s / 32): an input of 32 px or less ends in a 1x1 map.
+    """
+    return -(-image_size // 32)
+
+
 def feature_size(name: str, width: int = 64) -> int:
     block, _ = _RESNETS[name]
     return width * 8 * block.expansion

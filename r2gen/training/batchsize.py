@@ -9,15 +9,27 @@ maximum length, so no batch of the real data needs more.
 
 How a probe measures a step's peak memory:
 
-- CUDA (:func:`cuda_try_batch`): in the training process, ``torch.cuda.reset_peak_memory_stats``
-  before the step and ``torch.cuda.max_memory_allocated`` after it; an allocation that fails is
-  ``torch.OutOfMemoryError``.
+- CUDA (:func:`cuda_try_batch`): the whole search runs in one child process
+  (:func:`cuda_probe_in_child`), never in the training process: under DDP the probe then runs no
+  collective on rank 0 alone while the other ranks wait (Transformer Engine's delayed scaling
+  all-reduces amaxes over the world group whenever a process group exists), and TE's process-wide
+  FP8 state and the allocator of the training process never see the probe's model. In the child,
+  ``torch.cuda.reset_peak_memory_stats`` before each step and ``torch.cuda.max_memory_reserved``
+  after it: reserved, not allocated, so the allocator's cached and fragmented blocks count; an
+  allocation that fails is ``torch.OutOfMemoryError``.
 - CPU (:func:`subprocess_try_batch`): a process's peak RSS cannot be reset, and the allocator keeps
   freed memory, so an in-process measurement after a larger batch would report that batch's memory.
   Every probe therefore runs in a fresh Python process and reports that process's own peak RSS
   (the quantity the training summary records as ``peak_memory_bytes`` on CPU). A probe process the
   kernel kills (its OOM killer) counts as "does not fit". Each probe costs a process start, an
   import of torch and a kernel warm-up: 10-30 s on our 2-core machines.
+
+What a batch must fit (:func:`budget_bytes`, :func:`ddp_overhead_bytes`): on CUDA, 90% of the memory
+the training process finds free before the probe (``torch.cuda.mem_get_info``: its CUDA context,
+NCCL's communicator and other processes' memory are not free), or ``memory_budget_gb`` if lower.
+Under DDP a probe's step builds training's :class:`~r2gen.distributed.SyncedBatchNorm2d` (which keeps
+an fp32 copy of what it normalises) and adds what DDP allocates beside the step: its gradient
+buckets (a copy of every gradient) and, on CUDA, a reserve for NCCL's buffers.
 
 A larger batch means fewer optimizer steps per epoch; :func:`scaled_lr` rescales the learning rate
 for it (the rules and the default are documented there).
@@ -32,7 +44,7 @@ import os
 import resource
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -40,7 +52,7 @@ import torch
 
 from r2gen import precision as prec
 from r2gen.config import ModelConfig, TrainCommon, TrainPrecision, TrainSpec, from_dict, to_dict
-from r2gen.distributed import World
+from r2gen.distributed import World, sync_batch_norms
 from r2gen.errors import ConfigError, R2GenError
 from r2gen.model.r2gen import R2Gen
 from r2gen.training.state import TrainState
@@ -52,6 +64,13 @@ LR_RULES: tuple[str, ...] = ("none", "linear", "sqrt")
 DEFAULT_LR_RULE = "sqrt"
 PROBE_STEPS = 2  # the second step runs with Adam's state allocated by the first, as every later step does
 PROBE_RESOLUTION = 8  # the probed batch is within 8 of the exact largest (and GPU-friendly bisection points)
+CUDA_USABLE = 0.9  # of the free memory: cuBLAS/cuDNN workspaces and the allocator's rounding need the rest
+# NCCL's buffers live outside torch's allocator: NCCL_BUFFSIZE (4 MiB) per channel and peer, plus its
+# communicator's workspace; a few hundred MiB on one node of up to 8 GPUs.
+NCCL_RESERVE_BYTES = 512 * 2**20
+# torchrun's variables: a probe process must not believe it is a rank of the training job.
+TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
 
 
 class OutOfMemory(Exception):
@@ -99,6 +118,15 @@ class ProbeResult:
             return f"{p.batch}: {'out of memory' if p.peak_bytes is None else _gib(p.peak_bytes)} " \
                    f"{'fits' if p.fits else 'does not fit'}"
         return " | ".join([f"budget {_gib(self.budget_bytes)}", *map(one, self.probes)])
+
+    def to_dict(self) -> dict:
+        """JSON-safe form (what a probe process answers)."""
+        return {"batch": self.batch, "budget_bytes": self.budget_bytes, "limit": self.limit,
+                "probes": [asdict(p) for p in self.probes]}
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "ProbeResult":
+        return cls(raw["batch"], raw["budget_bytes"], raw["limit"], tuple(Probe(**p) for p in raw["probes"]))
 
     def log_lines(self) -> list[str]:
         return [p.line(self.budget_bytes) for p in self.probes] + [
@@ -207,11 +235,12 @@ class ProbeSpec:
     model: ModelConfig
     common: TrainCommon
     train: TrainPrecision  # train.<precision>
+    ddp: bool = False  # training runs under DDP: SyncedBatchNorm2d and DDP's buffers are part of a step
 
     @classmethod
-    def of(cls, spec: TrainSpec) -> "ProbeSpec":
+    def of(cls, spec: TrainSpec, ddp: bool = False) -> "ProbeSpec":
         return cls(spec.precision, spec.seed, spec.threads, spec.data.views, spec.data.image_size,
-                   spec.tokenizer.max_seq_length, spec.model, spec.common, spec.train)
+                   spec.tokenizer.max_seq_length, spec.model, spec.common, spec.train, ddp)
 
     def to_dict(self) -> dict:
         return to_dict(self)
@@ -225,15 +254,32 @@ class ProbeSpec:
         return prec.resolve(self.precision, self.train.backend, device, self.train.fp8_recipe)
 
 
+@dataclass
+class ProbeStep:
+    """``step(batch)``: runs a probe's training steps at ``batch``; holds the probe's model."""
+
+    model: torch.nn.Module
+    run: Callable[[int], None]
+
+    def __call__(self, batch: int) -> None:
+        self.run(batch)
+
+    @property
+    def gradient_bytes(self) -> int:
+        """Bytes of the gradients of every trainable parameter (what DDP's buckets copy)."""
+        return sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
+
+
 def r2gen_step(spec: ProbeSpec, vocab_size: int, plan: prec.PrecisionPlan,
-               steps: int = PROBE_STEPS) -> Callable[[int], None]:
+               steps: int = PROBE_STEPS) -> ProbeStep:
     """A function ``step(batch)`` that runs ``steps`` training steps of R2Gen under ``plan``.
 
-    The model, optimizer and GradScaler are built here, as :mod:`r2gen.training` builds them, and
-    live as long as the returned function: build it before the real model, and drop it before
-    training. Each step is training's :func:`~r2gen.training.step.train_step` (forward, zero_grad,
-    backward, unscale, clip, step), so the gradients of the previous step are alive during the next
-    forward, as in training. Input is random: uint8 views at ``data.image_size`` and reports of
+    The model, optimizer and GradScaler are built here, as :mod:`r2gen.training` builds them (under
+    ``spec.ddp`` with training's :class:`~r2gen.distributed.SyncedBatchNorm2d`, whose sums stay in
+    this process: a probe has no process group), and live as long as the returned step. Each step
+    is training's :func:`~r2gen.training.step.train_step` (forward, zero_grad, backward, unscale,
+    clip, step), so the gradients of the previous step are alive during the next forward, as in
+    training. Input is random: uint8 views at ``data.image_size`` and reports of
     ``tokenizer.max_seq_length`` tokens without padding, the longest any batch can hold.
     """
     if vocab_size < 2:
@@ -243,6 +289,8 @@ def r2gen_step(spec: ProbeSpec, vocab_size: int, plan: prec.PrecisionPlan,
     torch.manual_seed(spec.seed)
     model = R2Gen(spec.model, vocab_size).to(device)
     prec.convert_model(model, plan)
+    if spec.ddp:
+        sync_batch_norms(model, collective=False)
     optimizer, _ = build_optimizer(model, spec.common)
     scaler = plan.grad_scaler()
     model.train()
@@ -257,11 +305,22 @@ def r2gen_step(spec: ProbeSpec, vocab_size: int, plan: prec.PrecisionPlan,
             train_step(model, images, labels, optimizer, scaler, plan, spec.common.grad_clip_value,
                        skip_nonfinite=False)
 
-    return step
+    return ProbeStep(model, step)
 
 
-def cuda_try_batch(step: Callable[[int], None], device: torch.device | str) -> Callable[[int], int]:
-    """``try_batch`` for :func:`find_max_batch` on CUDA: the peak allocated memory of ``step(batch)``."""
+def ddp_overhead_bytes(gradient_bytes: int, device: torch.device | str) -> int:
+    """What DDP allocates beside a step: its gradient buckets (a copy of every gradient) and NCCL's buffers (CUDA)."""
+    return gradient_bytes + (NCCL_RESERVE_BYTES if torch.device(device).type == "cuda" else 0)
+
+
+def cuda_try_batch(step: Callable[[int], None], device: torch.device | str,
+                   extra_bytes: int = 0) -> Callable[[int], int]:
+    """``try_batch`` for :func:`find_max_batch` on CUDA: the peak reserved memory of ``step(batch)``
+    plus ``extra_bytes`` (what the step does not allocate itself, e.g. :func:`ddp_overhead_bytes`).
+
+    Reserved, not allocated: the caching allocator holds freed and fragmented blocks, and what it
+    reserves is what the device must hold.
+    """
     device = torch.device(device)
 
     def try_batch(batch: int) -> int:
@@ -275,36 +334,53 @@ def cuda_try_batch(step: Callable[[int], None], device: torch.device | str) -> C
         except torch.OutOfMemoryError as exc:
             failure = (str(exc).splitlines() or ["CUDA out of memory"])[0]
         # Raised outside the handler: the traceback would keep the failed step's tensors alive.
+        peak = torch.cuda.max_memory_reserved(device)
         torch.cuda.empty_cache()
         if failure is not None:
             raise OutOfMemory(failure)
-        return torch.cuda.max_memory_allocated(device)
+        return peak + extra_bytes
 
     return try_batch
 
 
+def _child_env() -> dict[str, str]:
+    """A probe process's environment: this package importable from where this process imported it, and
+    none of torchrun's variables (the probe is no rank of the training job)."""
+    root = str(Path(__file__).resolve().parents[2])
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV and not k.startswith("TORCHELASTIC_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    return env
+
+
+def _run_child(entry: str, request: dict, what: str) -> dict:
+    """Run ``r2gen.training.batchsize.<entry>()`` in a fresh Python process: one JSON request on stdin,
+    its last stdout line (JSON) back. A signal (the kernel's OOM killer) is :class:`OutOfMemory`."""
+    code = f"from r2gen.training.batchsize import {entry}; {entry}()"
+    proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(request), capture_output=True, text=True,
+                          env=_child_env())
+    if proc.returncode < 0:  # killed by a signal: SIGKILL is how the kernel's OOM killer ends it
+        raise OutOfMemory(f"probe process killed by signal {-proc.returncode}")
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise R2GenError(f"batch-size probe {what} failed (exit {proc.returncode}): {last}")
+    answer = json.loads(lines[-1])
+    if "error" in answer:
+        raise R2GenError(answer["error"])
+    return answer
+
+
 def subprocess_try_batch(spec: ProbeSpec, vocab_size: int, steps: int = PROBE_STEPS) -> Callable[[int], int]:
-    """``try_batch`` for :func:`find_max_batch` on CPU: the peak RSS of a fresh process running the steps.
+    """``try_batch`` for :func:`find_max_batch` on CPU: the peak RSS of a fresh process running the steps
+    (plus :func:`ddp_overhead_bytes` under ``spec.ddp``).
 
     Raises (from ``try_batch``):
         OutOfMemory: the step could not allocate, or the kernel killed the probe process.
         R2GenError: the probe process failed for another reason (its last stderr line is shown).
     """
-    # The probe process imports this package from where this process did, installed or not.
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    code = "from r2gen.training.batchsize import _probe_child; _probe_child()"
-
     def try_batch(batch: int) -> int:
-        request = json.dumps({"spec": spec.to_dict(), "vocab_size": vocab_size, "batch": batch, "steps": steps})
-        proc = subprocess.run([sys.executable, "-c", code], input=request, capture_output=True, text=True, env=env)
-        if proc.returncode < 0:  # killed by a signal: SIGKILL is how the kernel's OOM killer ends it
-            raise OutOfMemory(f"probe process killed by signal {-proc.returncode}")
-        lines = proc.stdout.strip().splitlines()
-        if proc.returncode != 0 or not lines:
-            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise R2GenError(f"batch-size probe at batch {batch} failed (exit {proc.returncode}): {last}")
-        answer = json.loads(lines[-1])
+        request = {"spec": spec.to_dict(), "vocab_size": vocab_size, "batch": batch, "steps": steps}
+        answer = _run_child("_probe_child", request, f"at batch {batch}")
         if "out_of_memory" in answer:
             raise OutOfMemory(answer["out_of_memory"])
         return int(answer["peak_bytes"])
@@ -324,8 +400,37 @@ def _probe_child() -> None:
     except (MemoryError, torch.OutOfMemoryError) as exc:
         failure = (str(exc).splitlines() or ["out of memory"])[0]
     # ru_maxrss: this fresh process's own peak resident set (KiB on Linux), as training records it.
+    extra = ddp_overhead_bytes(step.gradient_bytes, "cpu") if spec.ddp else 0
     answer = ({"out_of_memory": failure} if failure is not None
-              else {"peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})
+              else {"peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 + extra})
+    print(json.dumps(answer), flush=True)
+
+
+def cuda_probe_in_child(spec: ProbeSpec, vocab_size: int, device: torch.device, budget_bytes: int, start: int,
+                        limit: int) -> ProbeResult:
+    """:func:`find_max_batch` on CUDA ``device``, run in a fresh process (see the module docstring: why)."""
+    request = {"spec": spec.to_dict(), "vocab_size": vocab_size, "device": str(device), "budget_bytes": budget_bytes,
+               "start": start, "limit": limit}
+    return ProbeResult.from_dict(_run_child("_cuda_probe_child", request, f"on {device}"))
+
+
+def _cuda_probe_child() -> None:
+    """Body of the CUDA probe process: the request of :func:`cuda_probe_in_child` on stdin, its
+    :class:`ProbeResult` (or a one-line ``error``) as one JSON line on stdout."""
+    request = json.loads(sys.stdin.read())
+    spec = ProbeSpec.from_dict(request["spec"])
+    device = torch.device(request["device"])
+    torch.set_num_threads(spec.threads)
+    if device.index is not None:  # cuda:N under DDP; plain "cuda" is the current device already
+        torch.cuda.set_device(device)
+    try:
+        step = r2gen_step(spec, request["vocab_size"], spec.plan(device))
+        extra = ddp_overhead_bytes(step.gradient_bytes, device) if spec.ddp else 0
+        result = find_max_batch(cuda_try_batch(step, device, extra), request["budget_bytes"], request["start"],
+                                request["limit"], resolution=PROBE_RESOLUTION)
+        answer = result.to_dict()
+    except R2GenError as exc:
+        answer = {"error": str(exc)}
     print(json.dumps(answer), flush=True)
 
 
@@ -333,15 +438,12 @@ def probe_max_batch(spec: ProbeSpec, plan: prec.PrecisionPlan, vocab_size: int, 
                     limit: int) -> ProbeResult:
     """:func:`find_max_batch` for R2Gen under ``plan`` (its device), bisecting until the bounds are 8 apart.
 
-    On CUDA the probe runs in this process (its model is freed before this returns). On CPU each
+    On CUDA the whole search runs in one child process (:func:`cuda_probe_in_child`). On CPU each
     probe is a fresh process: 10-30 s on our 2-core machines (process start, torch import, two
     steps, the first of which warms up the kernels), so a coarser bisection saves minutes there.
     """
     if plan.device.type == "cuda":
-        result = find_max_batch(cuda_try_batch(r2gen_step(spec, vocab_size, plan), plan.device),
-                                budget_bytes, start, limit, resolution=PROBE_RESOLUTION)
-        torch.cuda.empty_cache()  # the probe's model and optimizer went with its closure
-        return result
+        return cuda_probe_in_child(spec, vocab_size, plan.device, budget_bytes, start, limit)
     return find_max_batch(subprocess_try_batch(spec, vocab_size), budget_bytes, start, limit,
                           resolution=PROBE_RESOLUTION)
 
@@ -361,9 +463,10 @@ def choose_batch(spec: TrainSpec, plan: prec.PrecisionPlan, vocab_size: int, wor
 
     ``configured`` and ``equal``: ``train.<p>.batch_size`` (``equal``: the config checked it is the
     same for every precision) at the learning rates of params.yaml. ``max``: the largest batch whose
-    training step fits ``memory_budget_gb``, found by rank 0's probe (:func:`probe_max_batch`) and
-    never above the training split (per process); the learning rates are rescaled from
-    ``train.<p>.batch_size`` by ``lr_scaling``. A resumed run keeps the batch its first probe chose.
+    training step fits :func:`budget_bytes`, found by rank 0's probe (:func:`probe_max_batch`, in
+    child processes) and never above the training split (per process); every rank trains at the
+    batch rank 0 broadcasts; the learning rates are rescaled from ``train.<p>.batch_size`` by
+    ``lr_scaling``. A resumed run keeps the batch its first probe chose.
     """
     common, base = spec.common, spec.train.batch_size
     if common.batch_mode != "max":
@@ -374,12 +477,12 @@ def choose_batch(spec: TrainSpec, plan: prec.PrecisionPlan, vocab_size: int, wor
     else:
         answer = None
         if world.is_main:
-            budget = (int(common.memory_budget_gb * 2**30) if common.memory_budget_gb is not None
-                      else default_budget_bytes(plan.device))
+            budget = budget_bytes(common.memory_budget_gb, plan.device, world.size)
             limit = max(1, train_studies // world.size)
             log.info("batch probe: %s on %s, budget %.2f GiB, from batch %d up to %d", spec.precision,
                      plan.device.type, budget / 2**30, min(base, limit), limit)
-            result = probe_max_batch(ProbeSpec.of(spec), plan, vocab_size, budget, min(base, limit), limit)
+            result = probe_max_batch(ProbeSpec.of(spec, ddp=world.distributed), plan, vocab_size, budget,
+                                     min(base, limit), limit)
             for line in result.log_lines():
                 log.info("batch probe: %s", line)
             answer = (result.batch, result.summary())
@@ -387,17 +490,30 @@ def choose_batch(spec: TrainSpec, plan: prec.PrecisionPlan, vocab_size: int, wor
     return BatchChoice(batch, scaled_lr(1.0, base, batch, common.lr_scaling), summary)
 
 
-def default_budget_bytes(device: torch.device | str) -> int:
-    """90% of the device's memory (CUDA) or of the memory available now (CPU: MemAvailable)."""
+def budget_bytes(memory_budget_gb: float | None, device: torch.device | str, ranks: int = 1) -> int:
+    """The most memory one process's training step may use (``train.common.memory_budget_gb``; null: the default).
+
+    CUDA: 90% of the memory free now (``torch.cuda.mem_get_info``: this process's CUDA context and
+    NCCL communicator, and other processes, hold the rest), ``memory_budget_gb`` if that is lower.
+    CPU: ``memory_budget_gb``, else 90% of MemAvailable shared by the ``ranks`` processes on this host.
+    """
     device = torch.device(device)
+    asked = None if memory_budget_gb is None else int(memory_budget_gb * 2**30)
     if device.type == "cuda":
-        return int(0.9 * torch.cuda.get_device_properties(device).total_memory)
+        free, total = torch.cuda.mem_get_info(device)
+        usable = int(CUDA_USABLE * free)
+        if asked is not None and asked > usable:
+            log.info("batch probe: memory_budget_gb %.2f GiB is over 90%% of the %s free on %s (of %s): using %s",
+                     asked / 2**30, _gib(free), device, _gib(total), _gib(usable))
+        return usable if asked is None else min(asked, usable)
+    if asked is not None:
+        return asked
     try:
         with open("/proc/meminfo") as fh:
             available_kib = next(int(line.split()[1]) for line in fh if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError):
         available_kib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 1024
-    return int(0.9 * available_kib * 1024)
+    return int(0.9 * available_kib * 1024) // max(1, ranks)
 
 
 def _gib(n: int) -> str:

@@ -3,6 +3,14 @@
 :func:`open_history` is a context manager: the ``Live`` it opens is ended when the block exits,
 also when training raises (a failure to end it then is logged, never raised over the real error).
 dvclive is imported lazily: only the process that writes the history needs it.
+
+System metrics (``train.common.monitor_system``, :func:`monitor_system_on`): dvclive samples them
+in a non-daemon thread that loops until ``Live.end()``; the interpreter waits for that thread at
+exit, so a run whose ``Live`` is not ended never exits (an error after training started would hang
+``dvc repro`` and torchrun). :meth:`LiveLogger.end` therefore stops the thread in a ``finally``,
+even when ending the history fails. It samples at dvclive's slowest rate (every 0.1 s, one row per
+2 s), but a Python thread still competes with training for the GIL: ``auto`` turns it on only where
+samples/s measures no speed anyway.
 """
 
 from __future__ import annotations
@@ -18,6 +26,21 @@ from r2gen.errors import R2GenError
 from r2gen.io import write_json, write_text
 
 log = logging.getLogger(__name__)
+
+MONITOR_INTERVAL_S = 0.1  # the longest interval dvclive accepts
+MONITOR_SAMPLES = 20  # samples averaged into one row: a row every 2 s
+
+
+def monitor_system_on(setting: str, speed_comparable: bool) -> bool:
+    """Whether dvclive samples system metrics for ``train.common.monitor_system`` (auto | on | off).
+
+    ``auto`` is on only where the run's samples/s is not a speed measurement (the plan's
+    ``speed_comparable`` is false: emulated fp8, fp16 on CPU), so the sampling thread never biases a
+    speed that is compared.
+    """
+    if setting == "auto":
+        return not speed_comparable
+    return setting == "on"  # the config checked it is one of auto | on | off
 
 
 @contextlib.contextmanager
@@ -62,7 +85,10 @@ class LiveLogger:
         else:
             _truncate_history(live_dir, resume_step)
         self.live = Live(str(live_dir), resume=resume_step is not None, dvcyaml=False,
-                         save_dvc_exp=False, monitor_system=system_monitor)
+                         save_dvc_exp=False, monitor_system=False)
+        if system_monitor:
+            _skip_gpus_without_nvml()
+            self.live.monitor_system(interval=MONITOR_INTERVAL_S, num_samples=MONITOR_SAMPLES)
         self._started = resume_step is not None
         if self._started:
             self.live.step = resume_step
@@ -82,8 +108,21 @@ class LiveLogger:
                 self.live.log_metric(name, value)
 
     def end(self) -> None:
-        with self._writing():
-            self.live.end()
+        """End the history; the system-monitor thread is stopped whatever ending raises."""
+        try:
+            with self._writing():
+                self.live.end()
+        finally:
+            self._stop_system_monitor()
+
+    def _stop_system_monitor(self) -> None:
+        # dvclive has no public call that only stops its thread; Live.end() stops it midway (3.x)
+        # and would leave it running when something before that point raises (or a second Ctrl-C
+        # lands). _SystemMonitor.end() only sets its shutdown event: safe to call twice.
+        # tests/test_gpu_defects.py pins this against the installed dvclive.
+        monitor = getattr(self.live, "_system_monitor", None)
+        if monitor is not None:
+            monitor.end()
 
     @contextlib.contextmanager
     def _writing(self):
@@ -93,6 +132,21 @@ class LiveLogger:
         except OSError as exc:
             raise R2GenError(f"could not write the training history in {self.live.dir}: {exc.strerror or exc}; "
                              "check free disk space and permissions, then rerun to resume") from None
+
+
+def _skip_gpus_without_nvml() -> None:
+    """dvclive samples GPUs through NVML whenever pynvml imports; without the NVML library (a CPU host)
+    every sample fails, CPU, RAM and disk included, with a logged traceback. GPU sampling is then off."""
+    from dvclive import monitor_system as dvclive_monitor
+
+    if not dvclive_monitor.GPU_AVAILABLE:
+        return
+    try:
+        dvclive_monitor.nvmlInit()
+        dvclive_monitor.nvmlShutdown()
+    except dvclive_monitor.NVMLError as exc:
+        log.info("system monitor: CPU, RAM and disk only (NVML: %s)", exc)
+        dvclive_monitor.GPU_AVAILABLE = False
 
 
 def _truncate_history(live_dir: Path, step: int) -> None:

@@ -21,3 +21,14 @@ def peak_memory(device: torch.device) -> tuple[int, int, str]:
         return torch.cuda.max_memory_allocated(device), total, "torch.cuda.max_memory_allocated"
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, total, "peak RSS of the process"
+
+
+def reset_peak(device: torch.device) -> None:
+    """Start the peak of :func:`peak_memory` now (CUDA): what ran before (the batch probe) is not training's.
+
+    On CPU the peak RSS of a process cannot be reset; the batch probe runs in other processes there.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)

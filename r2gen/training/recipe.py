@@ -18,31 +18,38 @@ model and the metrics.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from tqdm import tqdm
 
 import r2gen
+from r2gen import fp8_stats, fp8_table, layout
 from r2gen import precision as prec
 from r2gen.checkpoint import save_model
 from r2gen.config import TrainSpec
 from r2gen.data.batches import StudyBatches
 from r2gen.data.images import PreparedSplit, check_prepared, load_prepared
 from r2gen.distributed import World, sync_batch_norms
-from r2gen.errors import R2GenError
+from r2gen.errors import ConfigError, R2GenError
 from r2gen.io import write_json
 from r2gen.model.r2gen import R2Gen
+from r2gen.model.visual import feature_map_side
 from r2gen.records import TrainSummary
 from r2gen.tokenizer import Tokenizer
 from r2gen.training.batchsize import BatchChoice, choose_batch
-from r2gen.training.live import LiveLogger, NullLogger, open_history
+from r2gen.training.live import LiveLogger, NullLogger, monitor_system_on, open_history
 from r2gen.training.load import HostLoad
-from r2gen.training.memory import peak_memory, rss_bytes
+from r2gen.training import mfu
+from r2gen.training.mfu import Peak
+from r2gen.training.memory import peak_memory, reset_peak, rss_bytes
 from r2gen.training.state import (TrainState, Trainables, config_fingerprint, load_resumable, restore_checkpoint,
                                   save_checkpoint, seed_everything)
 from r2gen.training.step import StepResult, build_optimizer, train_step
@@ -51,6 +58,8 @@ from r2gen.validation import evaluate_loss
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "last.pt"  # in TrainPaths.checkpoint_dir; removed when the run completes
+# What torch requires of cuBLAS under torch.use_deterministic_algorithms (read at its first call).
+CUBLAS_WORKSPACE = ("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 @dataclass(frozen=True)
@@ -85,6 +94,11 @@ class Run:
     resume_step: int | None  # the last history step a resumed run keeps; None for a fresh run
     consecutive_nonfinite: int = 0  # steps without an update in a row (not checkpointed)
     fp8_verified: bool = False  # the first full step of this process was checked to run in FP8
+    monitor_system: bool = False  # dvclive samples system metrics (train.common.monitor_system resolved)
+    flops_per_sample: float = 0.0  # model FLOPs of one training sample (r2gen.training.mfu)
+    peak: Peak | None = None  # what MFU is measured against; None where the run is not a speed measurement
+    fp8_layers: dict = field(default_factory=dict)  # name -> converted Linear, observed by the FP8 layer probe
+    fp8_rows: list = field(default_factory=list)  # the probe's rows so far (written to fp8_layers.json)
     # Other processes' CPU time while the epochs ran (this process's segment only: not checkpointed).
     load: HostLoad = field(default_factory=HostLoad)
 
@@ -107,9 +121,12 @@ def train(spec: TrainSpec, paths: TrainPaths) -> TrainSummary:
     """
     world = World.from_env()
     device = world.device(prec.select_device(spec.common.device))
-    with world.joined(device) as ddp_backend:
+    with deterministic_kernels(spec.common.deterministic), world.joined(device) as ddp_backend:
         run = setup(spec, paths, world, device, ddp_backend)
-        with open_history(paths.live_dir, run.resume_step, system_monitor=device.type == "cuda",
+        speed_comparable = run.plan.describe()["speed_comparable"]
+        run.monitor_system = monitor_system_on(spec.common.monitor_system, speed_comparable)
+        instrument(run, speed_comparable)
+        with open_history(paths.live_dir, run.resume_step, system_monitor=run.monitor_system,
                           enabled=world.is_main) as history:
             baseline_rss = rss_bytes()
             run.model.train()
@@ -122,6 +139,33 @@ def train(spec: TrainSpec, paths: TrainPaths) -> TrainSummary:
         if world.is_main:
             mark_complete(run)
     return summary
+
+
+@contextlib.contextmanager
+def deterministic_kernels(enabled: bool) -> Iterator[None]:
+    """``train.common.deterministic`` for the block; the previous settings are restored after it.
+
+    On: ``torch.use_deterministic_algorithms(True)`` (an op without a deterministic kernel raises),
+    cuDNN deterministic with benchmark off, and ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` unless already
+    set, as torch requires for cuBLAS. cuDNN's default backward kernels are nondeterministic, so
+    only with it is a resumed GPU run bit-equal to an unkilled one; CPU runs are deterministic anyway.
+    """
+    if not enabled:
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             cudnn.deterministic, cudnn.benchmark, os.environ.get(CUBLAS_WORKSPACE[0]))
+    os.environ.setdefault(*CUBLAS_WORKSPACE)
+    torch.use_deterministic_algorithms(True)
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        cudnn.deterministic, cudnn.benchmark = saved[2], saved[3]
+        if saved[4] is None:
+            os.environ.pop(CUBLAS_WORKSPACE[0], None)
 
 
 # ---------------------------------------------------------------------------------------- setup
@@ -144,6 +188,7 @@ def setup(spec: TrainSpec, paths: TrainPaths, world: World, device: torch.device
     ckpt = world.broadcast(load_resumable(ckpt_path, fingerprint) if world.is_main else None)
     resumed = TrainState.from_dict(ckpt["state"]) if ckpt is not None else None
     choice = choose_batch(spec, plan, tokenizer.vocab_size, world, len(train_split.ids), resumed)
+    reset_peak(device)  # peak_memory_bytes is training's own, never the probe's
     if spec.common.batch_mode == "max":
         log.info("batch_mode max: batch %d | learning rates x %.3g (%s rule from batch %d)", choice.batch,
                  choice.lr_factor, spec.common.lr_scaling, spec.train.batch_size)
@@ -153,6 +198,7 @@ def setup(spec: TrainSpec, paths: TrainPaths, world: World, device: torch.device
     train_batches = StudyBatches(train_split, tokenizer, choice.batch, spec.data.image_size, train=True,
                                  hflip=spec.data.hflip, generator=parts.batch_gen, **shard)
     val_batches = StudyBatches(val_split, tokenizer, choice.batch, spec.data.image_size, train=False, **shard)
+    _check_batch_norm_batches(spec, train_batches, world)
     parameters = sum(p.numel() for p in parts.model.parameters())
     log.info("model: %s parameters | vocabulary %d | %d train / %d val studies | %d steps per epoch",
              f"{parameters:,}", tokenizer.vocab_size, len(train_split.ids), len(val_split.ids), len(train_batches))
@@ -199,6 +245,33 @@ def _build(spec: TrainSpec, plan: prec.PrecisionPlan, world: World, vocab_size: 
     return Trainables(model, optimizer, scheduler, scaler, batch_gen), conversion
 
 
+def instrument(run: Run, speed_comparable: bool) -> None:
+    """Count the model FLOPs, measure the peak (speed measurements only), and arm the FP8 layer probe."""
+    spec = run.spec
+    run.flops_per_sample = mfu.model_flops_per_sample(spec.model, run.tokenizer.vocab_size, spec.data.views,
+                                                      spec.data.image_size, mfu.median_length(run.train_batches.labels))
+    if speed_comparable:
+        run.peak = mfu.measure_peak(run.plan, run.plan.describe()["device_name"])
+    log.info("model FLOPs: %.3g per training sample%s", run.flops_per_sample,
+             f" | peak {run.peak.tflops:.3g} TFLOP/s {run.peak.dtype} ({run.peak.source})"
+             if run.peak and run.peak.tflops else "")
+    if run.plan.precision != "fp8":
+        return
+    run.fp8_layers = {name: run.parts.model.get_submodule(name) for name in run.conversion["converted"]}
+    path = layout.fp8_layers(run.paths.live_dir)
+    if run.resume_step is None or not path.exists():
+        path.unlink(missing_ok=True)
+    else:  # a resumed run keeps the rows of the epochs it finished
+        run.fp8_rows = [r for r in fp8_table.read_table(path)["rows"] if r["epoch"] <= run.state.epoch]
+
+
+def record_fp8_layers(run: Run, epoch: int, probe: fp8_stats.Fp8LayerProbe) -> None:
+    """Append the probed step's rows and rewrite ``fp8_layers.json`` (rank 0)."""
+    run.fp8_rows += [{"epoch": epoch + 1, "step": run.state.step, **row} for row in probe.rows()]
+    if run.world.is_main:
+        fp8_table.write_table(layout.fp8_layers(run.paths.live_dir), run.fp8_rows, run.plan.describe())
+
+
 # ---------------------------------------------------------------------------------------- the loop
 def run_epoch(run: Run, epoch: int, history: LiveLogger | NullLogger) -> float:
     """One pass over the training batches; returns the epoch's sample-weighted mean train loss."""
@@ -208,14 +281,19 @@ def run_epoch(run: Run, epoch: int, history: LiveLogger | NullLogger) -> float:
                mininterval=5, disable=None if run.world.is_main else True)
     run.load.start()
     t0 = time.perf_counter()  # a step's time includes assembling its batch
-    for images, labels in bar:
-        result = train_step(run.model, images, labels, run.parts.optimizer, run.parts.scaler, run.plan,
-                            common.grad_clip_value, world=run.world)
+    probe_epoch = bool(run.fp8_layers) and epoch in fp8_stats.probe_epochs(common.epochs)
+    for i, (images, labels) in enumerate(bar):
+        probe = fp8_stats.Fp8LayerProbe(run.fp8_layers, run.plan.fp8_recipe) if probe_epoch and i == 0 else None
+        with probe or contextlib.nullcontext():
+            result = train_step(run.model, images, labels, run.parts.optimizer, run.parts.scaler, run.plan,
+                                common.grad_clip_value, world=run.world)
         if run.device.type == "cuda":
             torch.cuda.synchronize(run.device)
         t1 = time.perf_counter()
         dt, t0 = t1 - t0, t1
-        _count_step(run, result, dt)
+        _count_step(run, result, dt, timed=probe is None)  # the probed step's hooks cost time: not timed
+        if probe is not None:
+            record_fp8_layers(run, epoch, probe)
         if result.finite:
             epoch_loss += result.loss * result.samples
             epoch_n += result.samples
@@ -225,14 +303,14 @@ def run_epoch(run: Run, epoch: int, history: LiveLogger | NullLogger) -> float:
     return epoch_loss / max(epoch_n, 1)
 
 
-def _count_step(run: Run, result: StepResult, dt: float) -> None:
+def _count_step(run: Run, result: StepResult, dt: float, timed: bool = True) -> None:
     """Update the counters with one step; too many steps in a row without an update stop the run."""
     common, state = run.spec.common, run.state
     state.step += 1
     if result.finite and not run.fp8_verified:  # the first full step of this process really ran in FP8
         prec.verify_fp8(run.parts.model, run.plan)
         run.fp8_verified = True
-    if state.step > common.warmup_steps:
+    if timed and state.step > common.warmup_steps:
         state.timed_samples += result.samples  # global samples: the whole DDP step
         state.timed_seconds += dt
     state.wall_seconds += dt
@@ -251,10 +329,16 @@ def _count_step(run: Run, result: StepResult, dt: float) -> None:
 
 
 def _log_step(run: Run, result: StepResult, dt: float, history: LiveLogger | NullLogger) -> None:
+    """One row per step: loss, lr, loss scale, GradScaler's skipped steps so far, and the pre-clip
+    gradient norm where it is finite (an overflowed fp16 step has none: it shows as a skipped step)."""
     scaler = run.parts.scaler
     lr = run.parts.optimizer.param_groups[1]["lr"]
-    history.log_step({"train/loss": result.loss, "train/lr": lr,
-                      "train/loss_scale": scaler.get_scale() if scaler.is_enabled() else 1.0})
+    metrics = {"train/loss": result.loss, "train/lr": lr,
+               "train/loss_scale": scaler.get_scale() if scaler.is_enabled() else 1.0}
+    if result.finite_grad_norm is not None:
+        metrics["train/grad_norm"] = result.finite_grad_norm
+    metrics["train/skipped_steps"] = run.state.skipped_steps  # 0 throughout without a GradScaler
+    history.log_step(metrics)
     if run.state.step % run.spec.common.log_every == 0:
         log.info("step %d | loss %.3f | lr %.1e | %.0f ms/step | %.2f GiB", run.state.step, result.loss, lr,
                  dt * 1000, peak_memory(run.device)[0] / 2**30)
@@ -291,6 +375,7 @@ def summarize(run: Run, baseline_rss: int) -> TrainSummary:
     common, choice = spec.common, run.choice
     peak, total, peak_kind = peak_memory(run.device)
     environment = {k: v for k, v in run.plan.describe().items() if k != "precision"}
+    samples_per_s = state.timed_samples / state.timed_seconds if state.timed_seconds else None
     return TrainSummary(
         precision=spec.precision,
         **environment,
@@ -311,12 +396,16 @@ def summarize(run: Run, baseline_rss: int) -> TrainSummary:
         epochs=common.epochs,
         steps=state.step,
         threads=spec.threads,
+        monitor_system=run.monitor_system,
+        deterministic=common.deterministic,
         train_loss=state.epoch_losses[-1],
         val_loss=state.val_losses[-1] if state.val_losses else None,
-        samples_per_s=state.timed_samples / state.timed_seconds if state.timed_seconds else None,
+        samples_per_s=samples_per_s,
         train_seconds=state.wall_seconds,
         # Under DDP the other ranks are other processes too: the share would read as load, so none is recorded.
         other_cpu_share=None if world.distributed else run.load.other_share,
+        **mfu.utilisation(run.flops_per_sample, samples_per_s, run.peak, environment["speed_comparable"],
+                          environment["note"]),
         peak_memory_bytes=peak,
         peak_memory_fraction=peak / total,
         peak_memory_kind=peak_kind + (f" (rank 0 of {world.size})" if world.distributed else ""),
@@ -347,6 +436,19 @@ def mark_complete(run: Run) -> None:
     write_json(run.paths.checkpoint_dir / "status.json", {"complete": True, "fingerprint": run.fingerprint,
                                                           "epochs": run.state.epoch, "steps": run.state.step})
     run.checkpoint.unlink(missing_ok=True)
+
+
+def _check_batch_norm_batches(spec: TrainSpec, batches: StudyBatches, world: World) -> None:
+    """Refuse a run whose BatchNorm would see one value per channel (a 1x1 map and a 1-study batch)."""
+    side, smallest = feature_map_side(spec.data.image_size), batches.smallest_batch()
+    if side > 1 or smallest != 1:
+        return
+    studies = len(batches.labels)
+    raise ConfigError(
+        f"params.yaml: data.image_size {spec.data.image_size} leaves the ResNet a 1x1 feature map and "
+        f"training a batch of 1 study per rank ({studies} training studies, batch {batches.batch_size} "
+        f"x {world.size} rank(s)), so BatchNorm would see one value per channel: set data.image_size "
+        f"above 32 or a batch size that leaves no 1-study batch")
 
 
 def _check_writable(directories: list[Path]) -> None:

@@ -4,6 +4,12 @@ The step (public code, R2GEN_NOTES.md §6): forward under the precision plan's a
 NLL, ``zero_grad``, GradScaler-scaled backward, ``unscale_``, element-wise gradient value clipping,
 ``optimizer.step`` through the scaler. Under DDP the loss is R2Gen's token mean over the global
 batch (:func:`global_batch_loss`), so N ranks compute what one process with the whole batch would.
+
+Each step also measures the global L2 norm of the unscaled gradients before clipping
+(:func:`grad_norm`): R2Gen clips by value, so this norm is the one view of the gradient's size that
+every precision shares. It is taken after ``unscale_`` (fp16: the true gradient, not the scaled one)
+and, under DDP, after the backward's all-reduce (the same value on every rank); it is read on the
+host after the update, together with the loss, so it adds no sync before the update.
 """
 
 from __future__ import annotations
@@ -54,11 +60,28 @@ class StepResult:
     samples: int  # studies in the (global) batch
     finite: bool  # the loss was finite
     skipped: bool  # GradScaler found inf/NaN gradients and skipped optimizer.step (checked with skip_nonfinite)
+    # Global L2 norm of the unscaled gradients before clipping; None when no backward ran (non-finite
+    # loss); inf/nan when the gradients overflowed (fp16: the step GradScaler skips).
+    grad_norm: float | None = None
 
     @property
     def stepped(self) -> bool:
         """The weights were updated."""
         return self.finite and not self.skipped
+
+    @property
+    def finite_grad_norm(self) -> float | None:
+        """The gradient norm where it is a number (what the history logs), else None."""
+        return self.grad_norm if self.grad_norm is not None and math.isfinite(self.grad_norm) else None
+
+
+def grad_norm(parameters) -> torch.Tensor:
+    """Global L2 norm of the gradients of ``parameters``: ``sqrt(sum of every element squared)``, a 0-d
+    fp32 tensor on the gradients' device (0 without gradients). One fused per-tensor norm, no host sync."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=None).float()
 
 
 def train_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
@@ -82,14 +105,15 @@ def train_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
         loss_global = loss.detach()
     run = bool(torch.isfinite(loss_global)) if skip_nonfinite else True
     optimizer.zero_grad(set_to_none=True)
-    skipped = False
+    skipped, norm = False, None
     if run:
         scale_before = scaler.get_scale() if skip_nonfinite and scaler.is_enabled() else None
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
+        norm = grad_norm(model.parameters())  # before clipping: the gradient the step computed
         torch.nn.utils.clip_grad_value_(model.parameters(), clip_value)
         scaler.step(optimizer)
         scaler.update()
         skipped = scale_before is not None and scaler.get_scale() < scale_before
     value = float(loss_global)
-    return StepResult(value, samples, math.isfinite(value), skipped)
+    return StepResult(value, samples, math.isfinite(value), skipped, None if norm is None else float(norm))
