@@ -53,7 +53,7 @@ SIZES = {
     "tiny": Size("tiny", model=dict(visual_extractor="resnet10", visual_width=8, d_model=32, d_ff=32, num_heads=4,
                                     num_layers=1, rm_num_heads=4, rm_d_model=32),
                  image_size=32, max_len=8, vocab=40, batch=2, warmup=1, steps=3, profile_steps=1, max_limit=4,
-                 max_resolution=1, max_steps=2, matmul_n=128),
+                 max_resolution=1, max_steps=2, matmul_n=512),
 }
 
 
