@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 ACTIVATE := source $(BIN)/activate
 
-.PHONY: setup data repro test test-fast test-pipeline check-metrics bench grid clean
+.PHONY: setup data repro test test-fast test-pipeline check-metrics bench grid gpu-check gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -60,6 +60,28 @@ grid: data
 	$(ACTIVATE) && dvc queue start -j 1 && \
 		while dvc queue status | grep -qE '\b(Queued|Running)\b'; do sleep 60; done; \
 		dvc queue status; r2gen exp-report
+
+# The one-call device check (README: "GPU check"): all precisions at the paper profile, then the
+# pipeline's stages, on one GPU in <= 8 minutes; DEVICE=cpu runs the same script at a tiny size
+# (numerics only, bench-results/gpu-check-cpu/). No setup dependency: the GPU machine has no network,
+# so it uses the python there (this checkout's .venv where one exists) and installs the carried
+# .gpu-wheels (make gpu-wheels, here) into GPU_SITE when dvclive does not import.
+DEVICE ?= cuda
+GPU_ARGS ?=
+GPU_SITE ?= /tmp/r2gen-gpu-site
+GPU_PY := $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check:
+	@if ls .gpu-wheels/*.whl >/dev/null 2>&1 && ! $(GPU_PY) -c "import dvclive" 2>/dev/null; then \
+		$(GPU_PY) -m pip install -q --no-index --no-deps --no-compile --target $(GPU_SITE) .gpu-wheels/*.whl; fi
+	PYTHONPATH=$(GPU_SITE):$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} PYTHONUNBUFFERED=1 $(GPU_PY) -m benchmarks.gpu_check \
+		--device $(DEVICE) $(if $(OUT),--out $(OUT)) $(GPU_ARGS)
+
+# The wheels the GPU machine lacks for the check's pipeline part (dvclive and what it imports, a slim
+# pycocoevalcap), for CPython 3.12 x86_64, into .gpu-wheels/ (gitignored; ~3.4 MiB). Needs PyPI.
+# WHEELS_EXTRA='torchao==X' adds more (torchao: a release built for the device's torch, 2.11 on our H200).
+WHEELS_EXTRA ?=
+gpu-wheels: setup
+	$(ACTIVATE) && python -m benchmarks.gpu_wheels --dest .gpu-wheels $(foreach w,$(WHEELS_EXTRA),--extra $(w))
 
 # Removes the DVC-cached outputs (rebuilt by `dvc repro` or `dvc checkout`); the committed
 # baseline (metrics/, reports/, dvclive/, checkpoints/*/status.json) stays.
