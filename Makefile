@@ -78,8 +78,9 @@ gpu-check:
 
 # The wheels the GPU machine lacks for the check's pipeline part (dvclive and what it imports, a slim
 # pycocoevalcap), for CPython 3.12 x86_64, into .gpu-wheels/ (gitignored; ~3.4 MiB). Needs PyPI.
-# WHEELS_EXTRA='torchao==X' adds more (torchao: a release built for the device's torch, 2.11 on our H200).
-WHEELS_EXTRA ?=
+# WHEELS_EXTRA: more wheels; by default torchao 0.17.0, the release built for torch 2.11 (our H200's), so
+# that the device's fp8 runs torchao's real FP8 path instead of the emulation (no TE there).
+WHEELS_EXTRA ?= torchao==0.17.0
 gpu-wheels: setup
 	$(ACTIVATE) && python -m benchmarks.gpu_wheels --dest .gpu-wheels $(foreach w,$(WHEELS_EXTRA),--extra $(w))
 

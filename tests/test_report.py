@@ -303,6 +303,7 @@ def test_the_fp8_layer_table_is_listed_worst_first_and_drawn(work, tmp_path):
     assert listed == ["`decoder.b`", "`decoder.c`", "`encoder.a`"]  # worst first, at the last epoch (2)
     assert "| `decoder.b` | 0.080 | 25.00% | 0.00% | 50.00% | 0.00% | 0.00% | 12.50% |" in fp8_part
     assert "epochs 1, 2" in fp8_part
+    assert "Most elements lost at epoch 2: `encoder.a` (grad_output underflow 50.00%)" in fp8_part
     out = tmp_path / "reports"
     build_report(load_run(work / "metrics", work / "dvclive" / "train", list(LABELS)), "fp32", out)
     assert (out / "figures" / "fp8_layers.png").stat().st_size > 1000

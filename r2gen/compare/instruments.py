@@ -60,6 +60,7 @@ def fp8_section(run: RunData) -> str:
                  *(_share(r.get(f"{s}_saturation")) for s, _ in SLOT_LABELS)]
                 for r in worst_layers(rows, n=WORST)]
         parts.append(fmt.table(header, body))
+        parts.append(_most_lost(rows, last))
     if not parts:
         return "No run wrote an FP8 layer table (only fp8 runs do; rerun `dvc repro` if an fp8 run predates it)."
     return "\n\n".join(parts + [
@@ -71,3 +72,16 @@ def fp8_section(run: RunData) -> str:
 def _share(x) -> str:
     """A fraction of elements as a percentage with two decimals (0.01% of a 1M-element tensor is 100)."""
     return f"{100 * x:.2f}%" if isinstance(x, (int, float)) else "n/a"
+
+
+def _most_lost(rows: list[dict], epoch: int) -> str:
+    """One line: the layers with the largest share of elements flushed to zero or saturated, any slot."""
+    lost = []
+    for r in rows:
+        share, slot, kind = max((r.get(f"{s}_{k}", 0.0), s, k) for s, _ in SLOT_LABELS for k in ("underflow", "saturation"))
+        if share > 0:
+            lost.append((share, r["layer"], slot, kind))
+    if not lost:
+        return f"No element of any probed tensor flushed to zero or saturated at epoch {epoch}."
+    top = ", ".join(f"`{layer}` ({slot} {kind} {_share(share)})" for share, layer, slot, kind in sorted(lost, reverse=True)[:3])
+    return f"Most elements lost at epoch {epoch}: {top}."
