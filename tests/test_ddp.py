@@ -48,7 +48,8 @@ FIRST_STEPS_TOLERANCE = 1e-4  # steps 0-5, before the chaotic growth (observed 2
 GRADIENT_TOLERANCE = 1e-4  # one step's gradients, relative to each tensor's largest entry (observed 2e-5)
 EPOCHS = 3  # 11 train studies: 3 global batches of 4, 4, 3 (the last split 2 + 1) per epoch
 TIMING_KEYS = {"samples_per_s", "train_seconds", "peak_memory_bytes", "peak_memory_fraction", "peak_memory_kind",
-               "baseline_rss_bytes", "world_size", "ddp_backend", "batch_size", "other_cpu_share"}
+               "baseline_rss_bytes", "world_size", "ddp_backend", "batch_size", "other_cpu_share",
+               "achieved_tflops", "peak_tflops", "measured_peak_tflops", "mfu"}
 
 
 def no_dropout_params(root: Path, batch_size: int):

@@ -32,7 +32,8 @@ PARAMS = {**TINY, "threads": 1, "train": {"common": {"epochs": 4, "validate": "e
                                           "fp32": {"batch_size": 8}}}
 OUTS = ("models/fp32/model.pt", "metrics/train/fp32.json", "dvclive/train/fp32", "checkpoints/fp32")
 # What the run measured about itself rather than computed: differs between any two runs.
-MEASURED = {"samples_per_s", "train_seconds", "peak_memory_bytes", "peak_memory_fraction", "baseline_rss_bytes", "other_cpu_share"}
+MEASURED = {"samples_per_s", "train_seconds", "peak_memory_bytes", "peak_memory_fraction", "baseline_rss_bytes", "other_cpu_share",
+            "achieved_tflops", "peak_tflops", "measured_peak_tflops", "mfu"}  # timings, and the MFU made of them
 
 
 def repro(repo: Path, *extra: str) -> subprocess.Popen:

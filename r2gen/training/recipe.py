@@ -439,16 +439,19 @@ def mark_complete(run: Run) -> None:
 
 
 def _check_batch_norm_batches(spec: TrainSpec, batches: StudyBatches, world: World) -> None:
-    """Refuse a run whose BatchNorm would see one value per channel (a 1x1 map and a 1-study batch)."""
+    """Refuse a run whose BatchNorm would see one value per channel (a 1x1 map and a 1-study batch).
+
+    Under DDP the BatchNorms are synced over the ranks (SyncedBatchNorm2d), so a step's statistics
+    are over its global batch, which StudyBatches keeps at one study per rank at least: never one.
+    """
     side, smallest = feature_map_side(spec.data.image_size), batches.smallest_batch()
-    if side > 1 or smallest != 1:
+    if world.distributed or side > 1 or smallest != 1:
         return
-    studies = len(batches.labels)
     raise ConfigError(
         f"params.yaml: data.image_size {spec.data.image_size} leaves the ResNet a 1x1 feature map and "
-        f"training a batch of 1 study per rank ({studies} training studies, batch {batches.batch_size} "
-        f"x {world.size} rank(s)), so BatchNorm would see one value per channel: set data.image_size "
-        f"above 32 or a batch size that leaves no 1-study batch")
+        f"training a batch of 1 study ({len(batches.labels)} training studies at batch {batches.batch_size}), "
+        f"so BatchNorm would see one value per channel: set data.image_size above 32 or a batch size "
+        f"that leaves no 1-study batch")
 
 
 def _check_writable(directories: list[Path]) -> None:
